@@ -1,0 +1,1 @@
+"""HTTP server that scores chat conversations with reward models on vLLM."""

@@ -1,0 +1,135 @@
+"""FastAPI application: routes, lifespan and engine start-up."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI
+
+from scoring_functions.registry import ScoringFunctionRegistry, default_registry
+from server.config import ModelConfig, ServerConfig
+from server.engine import EngineState, ModelEngine, import_engine_libraries
+from server.errors import (
+    ErrorResponse,
+    OrjsonResponse,
+    error_response,
+    register_error_handlers,
+)
+from server.protocol import (
+    ModelCard,
+    ModelList,
+    RewardModelScoringRequest,
+    RewardModelScoringResponse,
+)
+from server.serving import ScoringService
+
+logger = logging.getLogger(__name__)
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse, "description": description}
+    for status, description in [
+        (400, "Invalid request; `error.param` names the field."),
+        (404, "Unknown model, scoring function or job."),
+        (500, "Model output or server error."),
+        (503, "Engines are starting or stopped."),
+    ]
+}
+
+
+async def start_engine(model: ModelEngine) -> None:
+    """Start one engine in a worker thread and warm it up; record failures."""
+    try:
+        await asyncio.to_thread(model.start)
+        await model.warm_up()
+    except asyncio.CancelledError:
+        raise
+    except Exception as error:
+        model.state = EngineState.FAILED
+        model.error = f"start failed: {error}"
+        logger.exception("model %s: engine failed to start", model.id)
+
+
+def create_app(
+    config: ServerConfig,
+    engine_factory: Callable[[ModelConfig], ModelEngine] = ModelEngine,
+    registry: ScoringFunctionRegistry | None = None,
+) -> FastAPI:
+    """Build the app; engines start in the background once it runs."""
+    models = {model.id: engine_factory(model) for model in config.models}
+    service = ScoringService(models, registry or default_registry())
+    created = int(time.time())
+
+    async def start_engines() -> None:
+        await asyncio.to_thread(import_engine_libraries)
+        await asyncio.gather(*(start_engine(model) for model in models.values()))
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        starting = asyncio.ensure_future(start_engines())
+        app.state.engines_started = starting
+        try:
+            yield
+        finally:
+            starting.cancel()
+            for model in models.values():
+                try:
+                    model.shutdown()
+                except Exception:
+                    logger.exception("model %s: shutdown failed", model.id)
+
+    app = FastAPI(
+        title="Reward Model Service API",
+        version="0.1.0",
+        description="Scores chat conversations with reward models served by vLLM.",
+        lifespan=lifespan,
+        default_response_class=OrjsonResponse,
+    )
+    app.state.service = service
+    app.state.config = config
+    register_error_handlers(app)
+
+    @app.post(
+        "/reward_model_scoring/",
+        response_model=RewardModelScoringResponse,
+        response_model_exclude_none=True,
+        responses=ERROR_RESPONSES,
+        summary="Score a prompt-response pair using a reward model",
+    )
+    async def score_conversation(body: RewardModelScoringRequest):
+        response = await service.score(body)
+        return OrjsonResponse(response.model_dump(exclude_none=True))
+
+    @app.get("/health", summary="Readiness of every served model")
+    async def health():
+        states = {model.id: model.ready for model in models.values()}
+        if all(states.values()):
+            return {"status": "ok"}
+        problems = [
+            f"{model.id}: {model.error or model.state.value}"
+            for model in models.values()
+            if not states[model.id]
+        ]
+        return error_response(
+            503, "service_unavailable", "models not ready: " + "; ".join(problems)
+        )
+
+    @app.get("/v1/models", response_model=ModelList, summary="Served models")
+    async def list_models():
+        cards = [
+            ModelCard(
+                id=model.id,
+                created=created,
+                kind=model.kind.value,
+                max_model_len=model.max_model_len,
+                labels=model.labels,
+            )
+            for model in models.values()
+        ]
+        return ModelList(data=cards)
+
+    return app

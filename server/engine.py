@@ -1,0 +1,252 @@
+"""One vLLM ``AsyncLLM`` per served model, with its tokenizer and chat renderer."""
+
+from __future__ import annotations
+
+import enum
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+from server.chat import ConversationRenderer
+from server.config import ModelConfig, ModelKind
+from server.errors import ModelOutputError, ServiceUnavailableError
+
+logger = logging.getLogger(__name__)
+
+
+# GiB of KV cache per engine on CPU unless VLLM_CPU_KVCACHE_SPACE is set.
+DEFAULT_CPU_KV_CACHE_GIB = 1
+
+
+class EngineState(enum.StrEnum):
+    STARTING = "starting"
+    READY = "ready"
+    FAILED = "failed"
+    STOPPED = "stopped"
+
+
+def build_engine_args(config: ModelConfig) -> dict[str, Any]:
+    """Return the AsyncEngineArgs keyword arguments for one model."""
+    args: dict[str, Any] = {
+        "model": config.path,
+        "tokenizer": config.tokenizer or config.path,
+        "dtype": config.dtype,
+        "runner": "pooling" if config.kind == ModelKind.REWARD else "generate",
+        "disable_log_stats": True,
+        # Lets batch jobs run behind interactive requests.
+        "scheduling_policy": "priority",
+    }
+    if config.max_model_len is not None:
+        args["max_model_len"] = config.max_model_len
+    if config.hf_overrides:
+        args["hf_overrides"] = config.hf_overrides
+    args.update(config.engine_args)
+    return args
+
+
+def read_chat_template(value: str | None) -> str | None:
+    """Return a chat template given as text or as a path to a file."""
+    if value is None or "{" in value:
+        return value
+    path = Path(value).expanduser()
+    if not path.is_file():
+        raise ValueError(f"chat_template {value!r} is neither a template nor a file")
+    return path.read_text(encoding="utf-8")
+
+
+def import_engine_libraries() -> None:
+    """Import transformers and vLLM once, before engines start in threads.
+
+    transformers resolves its lazy imports without a lock, so two threads that
+    import ``AutoTokenizer`` at the same time can fail.
+    """
+    from transformers import AutoTokenizer  # noqa: F401
+    from vllm.v1.engine.async_llm import AsyncLLM  # noqa: F401
+
+
+class ModelEngine:
+    """A served model: its vLLM engine, tokenizer and labels."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        self.config = config
+        self.state = EngineState.STARTING
+        self.error: str | None = None
+        self.engine: Any = None
+        self.renderer: ConversationRenderer | None = None
+        self.labels: list[str] | None = None
+        self.max_model_len: int | None = None
+
+    @property
+    def id(self) -> str:
+        return self.config.id
+
+    @property
+    def kind(self) -> ModelKind:
+        return self.config.kind
+
+    @property
+    def ready(self) -> bool:
+        if self.state != EngineState.READY:
+            return False
+        if self.engine.errored:
+            self.state = EngineState.FAILED
+            self.error = "the engine process stopped"
+            logger.error("model %s: engine process stopped", self.id)
+            return False
+        return True
+
+    def start(self) -> None:
+        """Load the tokenizer and start the engine process; blocks until ready."""
+        from transformers import AutoTokenizer
+        from vllm import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        # vLLM for CPU otherwise sizes the KV cache from free memory, once per
+        # engine, which runs out of memory with several engines on one machine.
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(DEFAULT_CPU_KV_CACHE_GIB))
+        config = self.config
+        logger.info(
+            "model %s: starting %s engine on %s", self.id, self.kind.value, config.path
+        )
+        tokenizer = AutoTokenizer.from_pretrained(config.tokenizer or config.path)
+        chat_template = read_chat_template(config.chat_template)
+        if chat_template is None and tokenizer.chat_template is None:
+            raise ValueError(
+                f"model {self.id}: the tokenizer has no chat template; set "
+                f"chat_template in the model's configuration"
+            )
+        self.renderer = ConversationRenderer(
+            tokenizer, chat_template=chat_template, judge_template=config.judge_template
+        )
+        engine_args = AsyncEngineArgs(**build_engine_args(config))
+        self.engine = AsyncLLM.from_engine_args(engine_args)
+        self.max_model_len = self.engine.model_config.max_model_len
+
+    async def warm_up(self) -> None:
+        """Run one tiny request, learn the head's labels, and mark the model ready."""
+        token_ids = self.renderer.tokenize(
+            [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hi"}]
+        ).token_ids
+        if self.kind == ModelKind.REWARD:
+            values = await self.classify(token_ids, f"warmup-{self.id}")
+            self.labels = head_labels(self.engine.model_config.hf_config, len(values))
+        else:
+            await self.prompt_logprobs(token_ids, f"warmup-{self.id}")
+        self.state = EngineState.READY
+        logger.info(
+            "model %s: ready (max_model_len=%s, labels=%s)",
+            self.id,
+            self.max_model_len,
+            self.labels,
+        )
+
+    def shutdown(self) -> None:
+        if self.engine is not None:
+            logger.info("model %s: shutting down engine", self.id)
+            self.engine.shutdown()
+        self.state = EngineState.STOPPED
+
+    def check_ready(self) -> None:
+        """Raise ServiceUnavailableError unless the engine can take requests."""
+        if self.ready:
+            return
+        if self.state == EngineState.STARTING:
+            raise ServiceUnavailableError(
+                f"model {self.id} is still starting; retry in a few seconds"
+            )
+        raise ServiceUnavailableError(
+            f"model {self.id} is unavailable ({self.error or self.state.value}); "
+            f"restart the server"
+        )
+
+    async def classify(
+        self, token_ids: list[int], request_id: str, priority: int = 0
+    ) -> list[float]:
+        """Return the raw head outputs (no activation) for the whole sequence."""
+        from vllm import PoolingParams
+        from vllm.inputs import TokensPrompt
+
+        params = PoolingParams(task="classify", use_activation=False)
+        output = await final_output(
+            self.engine.encode(
+                TokensPrompt(prompt_token_ids=token_ids),
+                params,
+                request_id,
+                priority=priority,
+            )
+        )
+        values = [float(value) for value in output.outputs.data.flatten().tolist()]
+        self._check_finite(values, request_id)
+        return values
+
+    async def prompt_logprobs(
+        self, token_ids: list[int], request_id: str, priority: int = 0
+    ) -> list[float | None]:
+        """Return log P(token i | tokens before i) for each i; None for i = 0."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        params = SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False)
+        output = await final_output(
+            self.engine.generate(
+                TokensPrompt(prompt_token_ids=token_ids),
+                params,
+                request_id,
+                priority=priority,
+            )
+        )
+        values: list[float | None] = [None]
+        for token_id, entry in zip(
+            token_ids[1:], output.prompt_logprobs[1:], strict=True
+        ):
+            values.append(float(entry[token_id].logprob))
+        self._check_finite(values[1:], request_id)
+        return values
+
+    async def generate(
+        self,
+        token_ids: list[int],
+        sampling_params: Any,
+        request_id: str,
+        priority: int = 0,
+    ) -> Any:
+        """Run a generation request and return vLLM's final ``RequestOutput``."""
+        from vllm.inputs import TokensPrompt
+
+        return await final_output(
+            self.engine.generate(
+                TokensPrompt(prompt_token_ids=token_ids),
+                sampling_params,
+                request_id,
+                priority=priority,
+            )
+        )
+
+    def _check_finite(self, values: list[float], request_id: str) -> None:
+        for value in values:
+            if not math.isfinite(value):
+                raise ModelOutputError(
+                    f"model {self.id} returned a non-finite value ({value}) for "
+                    f"request {request_id}; check the checkpoint and dtype"
+                )
+
+
+async def final_output(outputs: Any) -> Any:
+    """Drain an engine output stream and return its last (finished) output."""
+    output = None
+    async for item in outputs:
+        output = item
+    return output
+
+
+def head_labels(hf_config: Any, count: int) -> list[str]:
+    """Name each head output from ``id2label``, or ``score`` for a single output."""
+    id2label = getattr(hf_config, "id2label", None) or {}
+    names = [id2label.get(i, id2label.get(str(i))) for i in range(count)]
+    if all(isinstance(name, str) for name in names) and not (
+        count == 1 and names == ["LABEL_0"]
+    ):
+        return names
+    return ["score"] if count == 1 else [f"LABEL_{i}" for i in range(count)]

@@ -1,0 +1,179 @@
+"""Service exceptions and the one JSON error envelope every response uses.
+
+Every error response has the body
+``{"error": {"message": str, "type": str, "param": str | None, "code": int}}``.
+``ServiceError`` subclasses carry their HTTP status; ``register_error_handlers``
+maps them, request validation errors, HTTP errors, dead engines and anything
+unexpected onto that envelope. A 500 never carries internals.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import orjson
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+logger = logging.getLogger(__name__)
+
+
+class OrjsonResponse(JSONResponse):
+    """JSON response serialized with orjson, which is several times faster."""
+
+    def render(self, content: Any) -> bytes:
+        return orjson.dumps(content)
+
+
+class ServiceError(Exception):
+    """Base of the errors that the service reports to clients."""
+
+    status_code = 500
+    error_type = "internal_error"
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+
+class InvalidRequestError(ServiceError):
+    """The request body or a parameter is invalid (HTTP 400)."""
+
+    status_code = 400
+    error_type = "invalid_request_error"
+
+
+class NotFoundError(ServiceError):
+    """A named model, scoring function or job does not exist (HTTP 404)."""
+
+    status_code = 404
+    error_type = "not_found_error"
+
+
+class ServiceUnavailableError(ServiceError):
+    """The engines are starting, stopping or dead (HTTP 503)."""
+
+    status_code = 503
+    error_type = "service_unavailable"
+
+
+class ModelOutputError(ServiceError):
+    """The model returned a value that is not a finite number (HTTP 500).
+
+    The message names the model and the value, so it is safe to show.
+    """
+
+    status_code = 500
+    error_type = "model_output_error"
+
+
+class ErrorDetail(BaseModel):
+    """What failed, on which request field, and what to do next."""
+
+    message: str
+    type: str = Field(description="Error class, such as `invalid_request_error`.")
+    param: str | None = Field(None, description="Request field that caused it.")
+    code: int = Field(description="HTTP status code.")
+
+
+class ErrorResponse(BaseModel):
+    """Body of every error response."""
+
+    error: ErrorDetail
+
+
+def error_body(
+    status_code: int, error_type: str, message: str, param: str | None = None
+) -> dict[str, Any]:
+    """Build the error envelope as a plain dict."""
+    return {
+        "error": {
+            "message": message,
+            "type": error_type,
+            "param": param,
+            "code": status_code,
+        }
+    }
+
+
+def error_response(
+    status_code: int, error_type: str, message: str, param: str | None = None
+) -> OrjsonResponse:
+    """Build an error response in the envelope."""
+    return OrjsonResponse(
+        error_body(status_code, error_type, message, param), status_code=status_code
+    )
+
+
+def describe_validation_error(error: dict[str, Any]) -> tuple[str, str]:
+    """Return the dotted field path and a message for one pydantic error."""
+    location = [str(part) for part in error.get("loc", ()) if part != "body"]
+    param = ".".join(location)
+    message = error.get("msg", "invalid value")
+    if error.get("type") == "extra_forbidden":
+        message = "unknown field; check its spelling against the API docs"
+    return param, f"{param or 'body'}: {message}"
+
+
+def _status_type(status_code: int) -> str:
+    return {
+        400: "invalid_request_error",
+        404: "not_found_error",
+        405: "method_not_allowed",
+        413: "request_too_large",
+        503: "service_unavailable",
+    }.get(
+        status_code, "invalid_request_error" if status_code < 500 else "internal_error"
+    )
+
+
+async def _handle_service_error(request: Request, error: ServiceError):
+    if error.status_code == 503:
+        logger.warning("%s %s: %s", request.method, request.url.path, error.message)
+    elif error.status_code >= 500:
+        logger.error(
+            "%s %s failed: %s", request.method, request.url.path, error.message
+        )
+    return error_response(
+        error.status_code, error.error_type, error.message, error.param
+    )
+
+
+async def _handle_validation_error(request: Request, error: RequestValidationError):
+    details = [describe_validation_error(item) for item in error.errors()]
+    param = details[0][0] if details else None
+    message = "; ".join(text for _, text in details) or "invalid request body"
+    return error_response(400, "invalid_request_error", message, param or None)
+
+
+async def _handle_http_error(request: Request, error: StarletteHTTPException):
+    message = error.detail if isinstance(error.detail, str) else str(error.detail)
+    return error_response(error.status_code, _status_type(error.status_code), message)
+
+
+async def _handle_unexpected_error(request: Request, error: Exception):
+    # Imported here so that the module loads without vLLM installed.
+    from vllm.v1.engine.exceptions import EngineDeadError
+
+    if isinstance(error, EngineDeadError):
+        logger.error("%s %s failed: engine is dead", request.method, request.url.path)
+        return error_response(
+            503,
+            "service_unavailable",
+            "the model engine stopped; restart the server",
+        )
+    logger.exception("%s %s failed", request.method, request.url.path)
+    return error_response(500, "internal_error", "internal server error")
+
+
+def register_error_handlers(app: FastAPI) -> None:
+    """Send every error through the one envelope."""
+    app.add_exception_handler(ServiceError, _handle_service_error)
+    app.add_exception_handler(RequestValidationError, _handle_validation_error)
+    app.add_exception_handler(StarletteHTTPException, _handle_http_error)
+    app.add_exception_handler(Exception, _handle_unexpected_error)

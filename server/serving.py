@@ -1,0 +1,142 @@
+"""Score one request: resolve the model and function, run it, build the response."""
+
+from __future__ import annotations
+
+import logging
+import math
+import uuid
+
+from pydantic import ValidationError
+
+from scoring_functions.base import ScoreResult, ScoringContext
+from scoring_functions.builtin import DEFAULT_FUNCTIONS
+from scoring_functions.registry import ScoringFunctionRegistry
+from server.engine import ModelEngine
+from server.errors import (
+    InvalidRequestError,
+    ModelOutputError,
+    NotFoundError,
+    describe_validation_error,
+)
+from server.protocol import (
+    RewardModelScoringRequest,
+    RewardModelScoringResponse,
+    Usage,
+)
+
+logger = logging.getLogger(__name__)
+
+
+def new_request_id() -> str:
+    return f"rms-{uuid.uuid4().hex}"
+
+
+class ScoringService:
+    """Scores conversations with the served models."""
+
+    def __init__(
+        self, models: dict[str, ModelEngine], registry: ScoringFunctionRegistry
+    ) -> None:
+        self.models = models
+        self.registry = registry
+
+    def get_model(self, model_id: str) -> ModelEngine:
+        """Return a ready model; 404 names the served ids, 503 if not ready."""
+        model = self.models.get(model_id)
+        if model is None:
+            raise NotFoundError(
+                f"reward_model: unknown model {model_id!r}; served models: "
+                f"{', '.join(sorted(self.models))}",
+                param="reward_model",
+            )
+        model.check_ready()
+        return model
+
+    async def score(
+        self,
+        request: RewardModelScoringRequest,
+        request_id: str | None = None,
+    ) -> RewardModelScoringResponse:
+        """Score the request's final assistant message."""
+        request_id = request_id or new_request_id()
+        messages = request.prompt_with_response
+        if messages[-1].role != "assistant":
+            raise InvalidRequestError(
+                f"prompt_with_response: the last message must be the assistant "
+                f"response to score, but its role is {messages[-1].role!r}",
+                param="prompt_with_response",
+            )
+
+        model = self.get_model(request.reward_model)
+        spec = request.scoring_function
+        function = self.registry.get(
+            spec.name if spec else DEFAULT_FUNCTIONS[model.kind]
+        )
+        if model.kind not in function.model_kinds:
+            kinds = " or ".join(sorted(kind.value for kind in function.model_kinds))
+            raise InvalidRequestError(
+                f"scoring_function.name: {function.name} needs a {kinds} model, but "
+                f"{model.id} is a {model.kind.value} model",
+                param="scoring_function.name",
+            )
+        params = validate_params(function.Params, spec.params if spec else {})
+
+        options = request.options
+        truncation = options.truncation or model.config.truncation
+        context = ScoringContext(
+            request_id,
+            model,
+            [message.to_template_dict() for message in messages],
+            options,
+            truncation,
+        )
+        result = await function.score(context, params)
+        check_result(result, model.id, request_id)
+
+        conversation = context.conversation
+        return RewardModelScoringResponse(
+            id=request_id,
+            score=result.score,
+            logprob=min(result.logprob, 0.0),
+            reward_model=model.id,
+            scoring_function=function.name,
+            labels=result.labels,
+            steps=result.steps,
+            token_logprobs=result.token_logprobs,
+            detail=result.detail,
+            usage=Usage(
+                prompt_tokens=len(conversation.token_ids),
+                response_tokens=conversation.response_tokens,
+                truncated_tokens=conversation.truncated_tokens,
+            ),
+            token_ids=conversation.token_ids if options.return_token_ids else None,
+            response_start=(
+                conversation.response_start if options.return_token_ids else None
+            ),
+        )
+
+
+def validate_params(params_model, params: dict):
+    """Validate a function's params; 400 names the first invalid parameter."""
+    try:
+        return params_model.model_validate(params)
+    except ValidationError as error:
+        details = [describe_validation_error(item) for item in error.errors()]
+        field, _ = details[0]
+        raise InvalidRequestError(
+            "; ".join(f"scoring_function.params.{text}" for _, text in details),
+            param=f"scoring_function.params.{field}",
+        ) from error
+
+
+def check_result(result: ScoreResult, model_id: str, request_id: str) -> None:
+    """Raise ModelOutputError when a score or logprob is not a finite number."""
+    values = [("score", result.score), ("logprob", result.logprob)]
+    values += [(f"labels.{k}", v) for k, v in (result.labels or {}).items()]
+    values += [("steps", v) for v in result.steps or []]
+    for name, value in values:
+        if not math.isfinite(value):
+            raise ModelOutputError(
+                f"model {model_id} produced a non-finite {name} ({value}) for "
+                f"request {request_id}"
+            )

@@ -1,0 +1,63 @@
+"""Shared fixtures: tiny random checkpoints and apps that serve them."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from server.app import create_app
+from server.config import ServerConfig
+from tests import tiny_models
+
+logger = logging.getLogger(__name__)
+
+ENGINE_START_TIMEOUT_S = 600
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Folder with tiny checkpoints: reward (1 label), multi (3 labels), causal."""
+    root = tmp_path_factory.mktemp("tiny-models")
+    tiny_models.build_reward_model(root / "reward", ["reward"])
+    tiny_models.build_reward_model(root / "multi", ["bad", "ok", "good"], seed=1)
+    tiny_models.build_causal_lm(root / "causal")
+    return root
+
+
+def tiny_model_configs(root: Path) -> list[dict]:
+    common = {
+        "dtype": "float32",
+        "max_model_len": 128,
+        "engine_args": {"enforce_eager": True},
+    }
+    return [
+        {"id": "tiny-reward", "path": str(root / "reward"), "kind": "reward", **common},
+        {"id": "tiny-multi", "path": str(root / "multi"), "kind": "reward", **common},
+        {"id": "tiny-lm", "path": str(root / "causal"), "kind": "generative", **common},
+    ]
+
+
+def wait_until_healthy(client: TestClient, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        response = client.get("/health")
+        if response.status_code == 200:
+            return
+        if "start failed" in response.text:
+            pytest.fail(f"engine failed to start: {response.text}")
+        time.sleep(0.5)
+    pytest.fail(f"engines not ready after {timeout_s} s: {response.text}")
+
+
+@pytest.fixture(scope="session")
+def tiny_client(tiny_dir: Path) -> Iterator[TestClient]:
+    """HTTP client of an app serving the tiny models on real vLLM engines."""
+    config = ServerConfig(models=tiny_model_configs(tiny_dir))
+    with TestClient(create_app(config)) as client:
+        wait_until_healthy(client, ENGINE_START_TIMEOUT_S)
+        yield client
