@@ -110,14 +110,52 @@ def error_response(
     )
 
 
-def describe_validation_error(error: dict[str, Any]) -> tuple[str, str]:
+def _is_union_tag(part: Any) -> bool:
+    # pydantic puts the union member's type, such as "str" or
+    # "list[TextPart]", into the location of errors inside a union.
+    return isinstance(part, str) and (
+        "[" in part or part in {"str", "int", "float", "bool", "dict", "list"}
+    )
+
+
+def describe_validation_error(
+    error: dict[str, Any], prefix: tuple[str, ...] = ()
+) -> tuple[str, str]:
     """Return the dotted field path and a message for one pydantic error."""
-    location = [str(part) for part in error.get("loc", ()) if part != "body"]
+    if error.get("type") == "json_invalid":
+        position = error.get("loc", ("body", "?"))[-1]
+        reason = error.get("ctx", {}).get("error", "invalid JSON")
+        return (
+            "",
+            f"the request body is not valid JSON: {reason} at character {position}",
+        )
+    location = [*prefix] + [
+        str(part)
+        for part in error.get("loc", ())
+        if part != "body" and not _is_union_tag(part)
+    ]
     param = ".".join(location)
     message = error.get("msg", "invalid value")
     if error.get("type") == "extra_forbidden":
         message = "unknown field; check its spelling against the API docs"
     return param, f"{param or 'body'}: {message}"
+
+
+def describe_validation_errors(
+    errors: list[dict[str, Any]], prefix: tuple[str, ...] = ()
+) -> tuple[str | None, str]:
+    """Return the first invalid field and one message for all pydantic errors.
+
+    ``prefix`` is prepended to each location, for models nested by hand.
+    """
+    details: dict[str, list[str]] = {}
+    for item in errors:
+        param, text = describe_validation_error(item, prefix)
+        details.setdefault(param, [])
+        if text not in details[param]:
+            details[param].append(text)
+    message = "; ".join(" or ".join(texts) for texts in details.values())
+    return next(iter(details), None) or None, message or "invalid request body"
 
 
 def _status_type(status_code: int) -> str:
@@ -145,10 +183,8 @@ async def _handle_service_error(request: Request, error: ServiceError):
 
 
 async def _handle_validation_error(request: Request, error: RequestValidationError):
-    details = [describe_validation_error(item) for item in error.errors()]
-    param = details[0][0] if details else None
-    message = "; ".join(text for _, text in details) or "invalid request body"
-    return error_response(400, "invalid_request_error", message, param or None)
+    param, message = describe_validation_errors(error.errors())
+    return error_response(400, "invalid_request_error", message, param)
 
 
 async def _handle_http_error(request: Request, error: StarletteHTTPException):

@@ -16,7 +16,7 @@ from server.errors import (
     InvalidRequestError,
     ModelOutputError,
     NotFoundError,
-    describe_validation_error,
+    describe_validation_errors,
 )
 from server.protocol import (
     RewardModelScoringRequest,
@@ -121,12 +121,10 @@ def validate_params(params_model, params: dict):
     try:
         return params_model.model_validate(params)
     except ValidationError as error:
-        details = [describe_validation_error(item) for item in error.errors()]
-        field, _ = details[0]
-        raise InvalidRequestError(
-            "; ".join(f"scoring_function.params.{text}" for _, text in details),
-            param=f"scoring_function.params.{field}",
-        ) from error
+        param, message = describe_validation_errors(
+            error.errors(), prefix=("scoring_function", "params")
+        )
+        raise InvalidRequestError(message, param=param) from error
 
 
 def check_result(result: ScoreResult, model_id: str, request_id: str) -> None:

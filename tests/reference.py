@@ -39,7 +39,9 @@ def next_token_logits(path: Path, token_ids: list[int]) -> "torch.Tensor":  # no
         return model(torch.tensor([token_ids])).logits[0, -1]
 
 
-def token_logprobs(path: Path, token_ids: list[int], start: int, end: int) -> list[float]:
+def token_logprobs(
+    path: Path, token_ids: list[int], start: int, end: int
+) -> list[float]:
     """Return log P(token i | tokens before i) for i in [start, end)."""
     import torch
 

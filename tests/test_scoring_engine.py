@@ -165,9 +165,7 @@ def test_long_prompt_is_truncated_from_left(tiny_client, tiny_dir):
 
 def test_long_prompt_truncation_keeps_response(tiny_client):
     long_prompt = [{"role": "user", "content": "two plus two is four. " * 40}]
-    short = score(
-        tiny_client, "tiny-lm", conversation("Paris", QUESTION), options={}
-    )
+    short = score(tiny_client, "tiny-lm", conversation("Paris", QUESTION), options={})
     long = score(tiny_client, "tiny-lm", conversation("Paris", long_prompt))
     assert long["usage"]["response_tokens"] == short["usage"]["response_tokens"]
     assert long["usage"]["prompt_tokens"] == 127

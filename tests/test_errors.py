@@ -1,0 +1,276 @@
+"""Error envelope and status codes, on fake engines (no vLLM engine starts)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from server.app import create_app
+from server.config import ServerConfig
+from tests import tiny_models
+from tests.fake_engine import fake_factory
+
+ANSWER = [
+    {"role": "user", "content": "What is the capital of France?"},
+    {"role": "assistant", "content": "Paris"},
+]
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory) -> Path:
+    directory = tmp_path_factory.mktemp("tokenizer")
+    tiny_models.build_tokenizer(directory)
+    return directory
+
+
+def make_client(tokenizer_dir: Path, **overrides) -> TestClient:
+    config = ServerConfig(
+        models=[
+            {"id": "rm", "path": str(tokenizer_dir), "kind": "reward"},
+            {"id": "lm", "path": str(tokenizer_dir), "kind": "generative"},
+        ]
+    )
+    app = create_app(config, engine_factory=fake_factory(**overrides))
+    # Server errors must come back as 500 responses, as a real client sees them.
+    return TestClient(app, raise_server_exceptions=False)
+
+
+def wait_ready(client: TestClient) -> None:
+    for _ in range(200):
+        if client.get("/health").status_code == 200:
+            return
+        time.sleep(0.05)
+    pytest.fail("fake engines never became ready")
+
+
+@pytest.fixture(scope="module")
+def client(tokenizer_dir):
+    with make_client(tokenizer_dir) as client:
+        wait_ready(client)
+        yield client
+
+
+def post(client, body: dict):
+    return client.post("/reward_model_scoring/", json=body)
+
+
+def assert_error(response, status: int, error_type: str, param: str | None):
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["type"] == error_type
+    assert error["param"] == param
+    assert error["code"] == status
+    return error
+
+
+def test_fake_reward_scores(client):
+    response = post(client, {"reward_model": "rm", "prompt_with_response": ANSWER})
+    assert response.status_code == 200, response.text
+    assert response.json()["score"] == 1.5
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        pytest.param({"prompt_with_response": ANSWER}, "reward_model", id="no-model"),
+        pytest.param({"reward_model": "rm"}, "prompt_with_response", id="no-messages"),
+        pytest.param(
+            {"reward_model": "rm", "prompt_with_response": []},
+            "prompt_with_response",
+            id="empty-messages",
+        ),
+        pytest.param(
+            {
+                "reward_model": "rm",
+                "prompt_with_response": [{"role": "robot", "content": "hi"}],
+            },
+            "prompt_with_response.0.role",
+            id="bad-role",
+        ),
+        pytest.param(
+            {"reward_model": "rm", "prompt_with_response": [{"role": "user"}]},
+            "prompt_with_response.0.content",
+            id="no-content",
+        ),
+        pytest.param(
+            {
+                "reward_model": "rm",
+                "prompt_with_response": [
+                    {"role": "assistant", "content": [{"type": "image", "url": "x"}]}
+                ],
+            },
+            "prompt_with_response.0.content",
+            id="image-part",
+        ),
+        pytest.param(
+            {"reward_model": "rm", "prompt_with_response": ANSWER, "modle": "x"},
+            "modle",
+            id="unknown-field",
+        ),
+        pytest.param(
+            {
+                "reward_model": "rm",
+                "prompt_with_response": ANSWER,
+                "options": {"top_p": 2},
+            },
+            "options.top_p",
+            id="top-p-range",
+        ),
+        pytest.param(
+            {"reward_model": 7, "prompt_with_response": ANSWER},
+            "reward_model",
+            id="model-not-string",
+        ),
+    ],
+)
+def test_invalid_body_names_field(client, body, param):
+    error = assert_error(
+        post(client, body), 400, "invalid_request_error", None or param
+    )
+    assert param.split(".")[0] in error["message"]
+
+
+def test_malformed_json(client):
+    response = client.post(
+        "/reward_model_scoring/",
+        content=b"{not json",
+        headers={"content-type": "application/json"},
+    )
+    error = assert_error(response, 400, "invalid_request_error", None)
+    assert "not valid JSON" in error["message"]
+
+
+def test_last_message_must_be_assistant(client):
+    body = {"reward_model": "rm", "prompt_with_response": ANSWER[:1]}
+    error = assert_error(
+        post(client, body), 400, "invalid_request_error", "prompt_with_response"
+    )
+    assert "assistant" in error["message"]
+
+
+def test_unknown_model_lists_served_ids(client):
+    body = {"reward_model": "nope", "prompt_with_response": ANSWER}
+    error = assert_error(post(client, body), 404, "not_found_error", "reward_model")
+    assert "rm" in error["message"]
+    assert "lm" in error["message"]
+
+
+def test_unknown_scoring_function(client):
+    body = {
+        "reward_model": "rm",
+        "prompt_with_response": ANSWER,
+        "scoring_function": {"name": "nope"},
+    }
+    error = assert_error(
+        post(client, body), 404, "not_found_error", "scoring_function.name"
+    )
+    assert "builtin::raw" in error["message"]
+
+
+def test_invalid_scoring_params(client):
+    body = {
+        "reward_model": "lm",
+        "prompt_with_response": ANSWER,
+        "scoring_function": {
+            "name": "response_logprob",
+            "params": {"reduction": "max"},
+        },
+    }
+    error = assert_error(
+        post(client, body),
+        400,
+        "invalid_request_error",
+        "scoring_function.params.reduction",
+    )
+    assert "sum" in error["message"]
+
+
+def test_unknown_scoring_param(client):
+    body = {
+        "reward_model": "rm",
+        "prompt_with_response": ANSWER,
+        "scoring_function": {"name": "raw", "params": {"lable": 1}},
+    }
+    assert_error(
+        post(client, body),
+        400,
+        "invalid_request_error",
+        "scoring_function.params.lable",
+    )
+
+
+def test_empty_response_for_logprob(client):
+    body = {
+        "reward_model": "lm",
+        "prompt_with_response": [ANSWER[0], {"role": "assistant", "content": ""}],
+    }
+    assert_error(
+        post(client, body), 400, "invalid_request_error", "prompt_with_response"
+    )
+
+
+def test_not_found_route_uses_envelope(client):
+    response = client.get("/no/such/route")
+    assert_error(response, 404, "not_found_error", None)
+
+
+def test_method_not_allowed_uses_envelope(client):
+    response = client.get("/reward_model_scoring/")
+    assert_error(response, 405, "method_not_allowed", None)
+
+
+def test_nan_output_is_error(tokenizer_dir):
+    with make_client(tokenizer_dir, outputs=[float("nan")]) as client:
+        wait_ready(client)
+        response = post(client, {"reward_model": "rm", "prompt_with_response": ANSWER})
+        error = assert_error(response, 500, "model_output_error", None)
+        assert "nan" in error["message"]
+        response = post(client, {"reward_model": "lm", "prompt_with_response": ANSWER})
+        assert_error(response, 500, "model_output_error", None)
+
+
+def test_infinite_output_is_error(tokenizer_dir):
+    with make_client(tokenizer_dir, outputs=[float("inf"), 0.0]) as client:
+        wait_ready(client)
+        response = post(client, {"reward_model": "rm", "prompt_with_response": ANSWER})
+        assert_error(response, 500, "model_output_error", None)
+
+
+def test_unexpected_error_hides_internals(tokenizer_dir):
+    secret = RuntimeError("/secret/path/weights.bin exploded")
+    with make_client(tokenizer_dir, fail_with=secret) as client:
+        wait_ready(client)
+        response = post(client, {"reward_model": "rm", "prompt_with_response": ANSWER})
+        error = assert_error(response, 500, "internal_error", None)
+        assert "secret" not in response.text
+        assert error["message"] == "internal server error"
+
+
+def test_dead_engine_is_503(tokenizer_dir):
+    from vllm.v1.engine.exceptions import EngineDeadError
+
+    with make_client(tokenizer_dir, fail_with=EngineDeadError()) as client:
+        wait_ready(client)
+        response = post(client, {"reward_model": "rm", "prompt_with_response": ANSWER})
+        assert_error(response, 503, "service_unavailable", None)
+
+
+def test_starting_engines_give_503(tokenizer_dir):
+    with make_client(tokenizer_dir, start_delay_s=30.0) as client:
+        response = post(client, {"reward_model": "rm", "prompt_with_response": ANSWER})
+        error = assert_error(response, 503, "service_unavailable", None)
+        assert "starting" in error["message"]
+        health = client.get("/health")
+        assert_error(health, 503, "service_unavailable", None)
+
+
+def test_openapi_keeps_spec_names(client):
+    schema = client.get("/openapi.json").json()
+    assert "/reward_model_scoring/" in schema["paths"]
+    names = set(schema["components"]["schemas"])
+    assert {"Message", "Options", "ScoringFunction"} <= names
+    assert "ErrorResponse" in names
