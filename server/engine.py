@@ -146,6 +146,9 @@ class ModelEngine:
         if self.engine is not None:
             logger.info("model %s: shutting down engine", self.id)
             self.engine.shutdown()
+            # Dropping the reference now runs AsyncLLM.__del__ while the
+            # interpreter is still whole, not during interpreter exit.
+            self.engine = None
         self.state = EngineState.STOPPED
 
     def check_ready(self) -> None:
