@@ -30,7 +30,7 @@ def head_logits(path: Path, token_ids: list[int]) -> list[float]:
     return logits[0].tolist()
 
 
-def next_token_logits(path: Path, token_ids: list[int]) -> "torch.Tensor":  # noqa: F821
+def next_token_logits(path: Path, token_ids: list[int]):
     """Return the causal LM's logits for the token after ``token_ids``."""
     import torch
 
