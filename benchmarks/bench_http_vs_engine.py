@@ -1,9 +1,9 @@
 """Throughput of the HTTP server against the same engine used in-process.
 
 Both runs score the same conversations with the same model. The engine run
-sends pre-tokenized prompts straight to vLLM's AsyncLLM in this process, so it
-is the upper bound; the HTTP run starts ``python -m server`` and sends the
-requests from N concurrent clients, so it adds JSON, chat templating,
+sends pre-tokenized prompts straight to vLLM's AsyncLLM in this process, which
+makes it the upper bound. The HTTP run starts ``python -m server`` and sends the
+requests from N concurrent clients, which adds JSON, chat templating,
 tokenization, HTTP and inter-process overhead. The ratio is HTTP over engine.
 
 Commands (from the repository root, after ``make setup``):
