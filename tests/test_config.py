@@ -1,0 +1,131 @@
+"""Settings files and command-line flags."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+from pydantic import ValidationError
+
+from server.cli import build_parser, load_server_config, parse_model_spec
+from server.config import ServerConfig, load_config_file, resolve_paths
+from server.engine import build_engine_args
+
+YAML_TEXT = """
+port: 9001
+models:
+  - id: rm
+    path: ./models/rm
+    kind: reward
+    dtype: float32
+    hf_overrides: {architectures: [LlamaForSequenceClassification]}
+    engine_args: {enforce_eager: true}
+"""
+TOML_TEXT = """
+port = 9002
+[[models]]
+id = "lm"
+path = "/models/lm"
+kind = "generative"
+max_model_len = 1024
+"""
+
+
+def test_yaml_file_with_relative_path(tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_text(YAML_TEXT)
+    args = build_parser().parse_args(["--config", str(path)])
+    config = load_server_config(args)
+    assert config.port == 9001
+    assert config.models[0].path == str(tmp_path / "models" / "rm")
+    assert config.models[0].hf_overrides == {
+        "architectures": ["LlamaForSequenceClassification"]
+    }
+
+
+def test_toml_file(tmp_path):
+    path = tmp_path / "config.toml"
+    path.write_text(TOML_TEXT)
+    config = ServerConfig.model_validate(
+        resolve_paths(load_config_file(path), tmp_path)
+    )
+    assert config.models[0].max_model_len == 1024
+    assert config.models[0].kind == "generative"
+
+
+def test_unknown_file_suffix(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text("{}")
+    with pytest.raises(ValueError, match=".toml"):
+        load_config_file(path)
+
+
+def test_model_flag_key_value_pairs():
+    spec = parse_model_spec("id=rm,path=/models/rm,kind=reward,dtype=float32")
+    assert spec == {
+        "id": "rm",
+        "path": "/models/rm",
+        "kind": "reward",
+        "dtype": "float32",
+    }
+
+
+def test_model_flag_json():
+    spec = parse_model_spec('{"id": "rm", "path": "/m", "kind": "reward"}')
+    assert spec["kind"] == "reward"
+
+
+def test_model_flag_without_equals():
+    with pytest.raises(argparse.ArgumentTypeError, match="key=value"):
+        parse_model_spec("rm")
+
+
+def test_model_flags_add_to_config(tmp_path):
+    path = tmp_path / "config.toml"
+    path.write_text(TOML_TEXT)
+    args = build_parser().parse_args(
+        ["--config", str(path), "--model", "id=rm,path=/m,kind=reward", "--port", "7"]
+    )
+    config = load_server_config(args)
+    assert [model.id for model in config.models] == ["lm", "rm"]
+    assert config.port == 7
+
+
+def test_duplicate_model_ids():
+    model = {"id": "rm", "path": "/m", "kind": "reward"}
+    with pytest.raises(ValidationError, match="unique"):
+        ServerConfig(models=[model, model])
+
+
+def test_unknown_model_key():
+    with pytest.raises(ValidationError, match="dtyp"):
+        ServerConfig(models=[{"id": "rm", "path": "/m", "kind": "reward", "dtyp": 1}])
+
+
+def test_judge_template_placeholders():
+    model = {"id": "rm", "path": "/m", "kind": "reward", "judge_template": "{answer}"}
+    with pytest.raises(ValidationError, match="conversation"):
+        ServerConfig(models=[model])
+
+
+def test_engine_args_per_kind():
+    config = ServerConfig(
+        models=[
+            {
+                "id": "rm",
+                "path": "/m",
+                "kind": "reward",
+                "max_model_len": 512,
+                "engine_args": {"enforce_eager": True, "dtype": "bfloat16"},
+            },
+            {"id": "lm", "path": "/m", "kind": "generative"},
+        ]
+    )
+    reward, generative = (build_engine_args(model) for model in config.models)
+    assert reward["runner"] == "pooling"
+    assert reward["max_model_len"] == 512
+    assert reward["enforce_eager"] is True
+    assert reward["dtype"] == "bfloat16"
+    assert generative["runner"] == "generate"
+    assert "max_model_len" not in generative
+    assert generative["scheduling_policy"] == "priority"
