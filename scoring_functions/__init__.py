@@ -5,14 +5,23 @@ from scoring_functions.base import (
     ScoreResult,
     ScoringContext,
     ScoringFunction,
+    UnparseableOutputError,
 )
-from scoring_functions.registry import ScoringFunctionRegistry, default_registry
+from scoring_functions.registry import (
+    ENTRY_POINT_GROUP,
+    ScoringFunctionRegistry,
+    build_registry,
+    default_registry,
+)
 
 __all__ = [
+    "ENTRY_POINT_GROUP",
     "NoParams",
     "ScoreResult",
     "ScoringContext",
     "ScoringFunction",
     "ScoringFunctionRegistry",
+    "UnparseableOutputError",
+    "build_registry",
     "default_registry",
 ]

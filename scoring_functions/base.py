@@ -2,22 +2,30 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from server.config import ModelKind
-from server.errors import InvalidRequestError
+from server.errors import (
+    InvalidRequestError,
+    ServiceError,
+    describe_validation_errors,
+)
 
 if TYPE_CHECKING:
+    from scoring_functions.registry import ScoringFunctionRegistry
     from server.chat import TokenizedConversation
-    from server.engine import ModelEngine
+    from server.engine import Generation, ModelEngine, TokenLogits
     from server.protocol import Options
 
 logger = logging.getLogger(__name__)
+
+ALL_MODEL_KINDS = frozenset(ModelKind)
 
 
 class NoParams(BaseModel):
@@ -26,9 +34,24 @@ class NoParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class UnparseableOutputError(ServiceError):
+    """A generative model's output could not be turned into a score (HTTP 422).
+
+    It concerns one conversation, so a batch job records it for that line and
+    goes on. It is never reported as a score of 0.
+    """
+
+    status_code = 422
+    error_type = "unparseable_output_error"
+
+
 @dataclass
 class ScoreResult:
-    """What a scoring function returns for one conversation."""
+    """What a scoring function returns for one conversation.
+
+    ``logprob`` is a natural-log probability, finite and at most 0; each function
+    documents what it is the probability of.
+    """
 
     score: float
     logprob: float
@@ -42,7 +65,10 @@ class ScoringContext:
     """The model, conversation and options of one request, with engine calls.
 
     ``conversation`` is already rendered, tokenized and fitted to the context
-    by the request's truncation policy.
+    by the request's truncation policy. A function that sends the engine a
+    different sequence in its place (a judge prompt) assigns that sequence to
+    ``conversation``, so that the response's ``usage`` and ``token_ids`` describe
+    what was scored.
     """
 
     def __init__(
@@ -58,8 +84,13 @@ class ScoringContext:
         self.messages = messages
         self.options = options
         self.truncation = truncation
-        self._calls = 0
+        self._call_numbers = itertools.count(1)
         self.conversation = self.prepare(messages)
+
+    @property
+    def response_text(self) -> str:
+        """The text of the final (assistant) message that is scored."""
+        return self.messages[-1]["content"]
 
     @property
     def max_tokens(self) -> int:
@@ -83,10 +114,23 @@ class ScoringContext:
             self.model.renderer.bos_token_id,
         )
 
+    def with_response(self, response: str) -> list[dict[str, Any]]:
+        """Return the request's messages with the final message's text replaced."""
+        return [*self.messages[:-1], {**self.messages[-1], "content": response}]
+
+    def child(self) -> ScoringContext:
+        """Return a context for one part of a combined score.
+
+        The child shares the engine request ids, so they stay unique, but has its
+        own ``conversation``, so a part that replaces it does not affect the rest.
+        """
+        child = object.__new__(ScoringContext)
+        child.__dict__.update(self.__dict__)
+        return child
+
     def next_request_id(self) -> str:
         """Return a unique engine request id for this request's next call."""
-        self._calls += 1
-        return f"{self.request_id}-{self._calls}"
+        return f"{self.request_id}-{next(self._call_numbers)}"
 
     async def classify(
         self, conversation: TokenizedConversation | None = None
@@ -95,6 +139,17 @@ class ScoringContext:
         conversation = conversation or self.conversation
         return await self.model.classify(
             conversation.token_ids, self.next_request_id(), self.options.priority
+        )
+
+    async def classify_steps(
+        self, conversation: TokenizedConversation, step_tag_id: int
+    ) -> TokenLogits:
+        """Return the head's raw outputs at each ``step_tag_id`` token, in order."""
+        return await self.model.classify_tokens(
+            conversation.token_ids,
+            self.next_request_id(),
+            step_tag_id=step_tag_id,
+            priority=self.options.priority,
         )
 
     async def response_logprobs(
@@ -113,10 +168,29 @@ class ScoringContext:
         )
         return values[conversation.response_start : conversation.response_end]
 
+    async def next_token_logprobs(
+        self, token_ids: list[int], candidate_ids: list[int]
+    ) -> dict[int, float]:
+        """Return log P(candidate | token_ids) for each candidate next token."""
+        return await self.model.next_token_logprobs(
+            token_ids, candidate_ids, self.next_request_id(), self.options.priority
+        )
+
+    async def sample(
+        self, token_ids: list[int], max_tokens: int, temperature: float, top_p: float
+    ) -> Generation:
+        """Generate a continuation of ``token_ids``."""
+        return await self.model.sample(
+            token_ids,
+            self.next_request_id(),
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            priority=self.options.priority,
+        )
+
 
 def _cut_after_response(conversation: TokenizedConversation) -> TokenizedConversation:
-    from dataclasses import replace
-
     return replace(
         conversation, token_ids=conversation.token_ids[: conversation.response_end]
     )
@@ -125,9 +199,11 @@ def _cut_after_response(conversation: TokenizedConversation) -> TokenizedConvers
 class ScoringFunction(ABC):
     """Base class of scoring functions.
 
-    Subclasses set ``name``, ``model_kinds`` and ``Params`` (a pydantic model
-    validated from the request's ``scoring_function.params``), and implement
-    ``score``.
+    Subclasses set ``name`` (a namespaced id such as ``acme::length``),
+    ``model_kinds`` (the kinds of served model it can use) and ``Params`` (a
+    pydantic model validated from the request's ``scoring_function.params``),
+    and implement ``compute``. Callers use ``score``, which first fills in the
+    model's configured defaults (``scoring_params``).
     """
 
     name: ClassVar[str]
@@ -135,6 +211,56 @@ class ScoringFunction(ABC):
     model_kinds: ClassVar[frozenset[ModelKind]]
     Params: ClassVar[type[BaseModel]] = NoParams
 
-    @abstractmethod
+    # The registry that holds this function, set when it is registered; lets a
+    # function call other functions.
+    registry: ScoringFunctionRegistry | None = None
+
+    @property
+    def short_name(self) -> str:
+        """The id without its namespace."""
+        return self.name.partition("::")[2]
+
     async def score(self, context: ScoringContext, params: BaseModel) -> ScoreResult:
+        """Score ``context.conversation`` with the model's defaults filled in."""
+        params = self.apply_model_defaults(context.model.config.scoring_params, params)
+        return await self.compute(context, params)
+
+    @abstractmethod
+    async def compute(self, context: ScoringContext, params: BaseModel) -> ScoreResult:
         """Score ``context.conversation`` and return the result."""
+
+    def model_defaults(self, scoring_params: dict[str, dict[str, Any]]) -> dict:
+        """Return this function's entry of a model's ``scoring_params``."""
+        return scoring_params.get(self.name) or scoring_params.get(self.short_name, {})
+
+    def apply_model_defaults(
+        self, scoring_params: dict[str, dict[str, Any]], params: BaseModel
+    ) -> BaseModel:
+        """Fill the parameters that the request left unset from the model's config."""
+        defaults = self.model_defaults(scoring_params)
+        if not defaults:
+            return params
+        explicit = params.model_dump(include=params.model_fields_set)
+        return validate_params(self.Params, {**defaults, **explicit})
+
+    def describe(self) -> dict[str, Any]:
+        """Return the id, kinds, description and params JSON Schema of the function."""
+        return {
+            "id": self.name,
+            "description": self.description,
+            "model_kinds": sorted(kind.value for kind in self.model_kinds),
+            "parameters": self.Params.model_json_schema(),
+        }
+
+
+def validate_params(
+    params_model: type[BaseModel],
+    params: dict[str, Any],
+    prefix: tuple[str, ...] = ("scoring_function", "params"),
+) -> BaseModel:
+    """Validate params; InvalidRequestError names the first invalid parameter."""
+    try:
+        return params_model.model_validate(params)
+    except ValidationError as error:
+        param, message = describe_validation_errors(error.errors(), prefix=prefix)
+        raise InvalidRequestError(message, param=param) from error

@@ -5,13 +5,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request, Response
 
-from scoring_functions.registry import ScoringFunctionRegistry, default_registry
+from jobs.manager import JobManager
+from jobs.routes import router as jobs_router
+from scoring_functions.registry import (
+    ScoringFunctionRegistry,
+    build_registry,
+    check_scoring_params,
+)
 from server.config import ModelConfig, ServerConfig
 from server.engine import EngineState, ModelEngine, import_engine_libraries
 from server.errors import (
@@ -25,6 +31,8 @@ from server.protocol import (
     ModelList,
     RewardModelScoringRequest,
     RewardModelScoringResponse,
+    ScoringFunctionCard,
+    ScoringFunctionList,
 )
 from server.serving import ScoringService
 
@@ -54,6 +62,36 @@ async def start_engine(model: ModelEngine) -> None:
         logger.exception("model %s: engine failed to start", model.id)
 
 
+# Status that nginx uses for a request whose client went away; nobody reads it.
+CLIENT_CLOSED_REQUEST = 499
+
+
+async def _wait_for_disconnect(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def cancel_on_disconnect(request: Request, work: Awaitable[Any]) -> Any:
+    """Await ``work``, cancelling it when the client disconnects first.
+
+    Cancelling an engine call makes vLLM abort its request, so a client that
+    gives up frees its share of the batch. Returns None after a disconnect.
+    """
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_wait_for_disconnect(request))
+    done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    if task in done:
+        watcher.cancel()
+        return task.result()
+    task.cancel()
+    logger.info(
+        "%s %s: client disconnected, request cancelled",
+        request.method,
+        request.url.path,
+    )
+    return None
+
+
 def create_app(
     config: ServerConfig,
     engine_factory: Callable[[ModelConfig], ModelEngine] = ModelEngine,
@@ -61,7 +99,13 @@ def create_app(
 ) -> FastAPI:
     """Build the app; engines start in the background once it runs."""
     models = {model.id: engine_factory(model) for model in config.models}
-    service = ScoringService(models, registry or default_registry())
+    if registry is None:
+        registry = build_registry(
+            config.scoring_function_modules, config.scoring_function_entry_points
+        )
+    check_scoring_params(registry, config.models)
+    service = ScoringService(models, registry)
+    job_manager = JobManager(config.jobs, service)
     created = int(time.time())
 
     async def start_engines() -> None:
@@ -73,8 +117,11 @@ def create_app(
         starting = asyncio.ensure_future(start_engines())
         app.state.engines_started = starting
         try:
+            # Resumed jobs wait until their model is ready.
+            await job_manager.start()
             yield
         finally:
+            await job_manager.stop()
             starting.cancel()
             for model in models.values():
                 try:
@@ -91,7 +138,9 @@ def create_app(
     )
     app.state.service = service
     app.state.config = config
+    app.state.job_manager = job_manager
     register_error_handlers(app)
+    app.include_router(jobs_router)
 
     @app.post(
         "/reward_model_scoring/",
@@ -100,8 +149,10 @@ def create_app(
         responses=ERROR_RESPONSES,
         summary="Score a prompt-response pair using a reward model",
     )
-    async def score_conversation(body: RewardModelScoringRequest):
-        response = await service.score(body)
+    async def score_conversation(request: Request, body: RewardModelScoringRequest):
+        response = await cancel_on_disconnect(request, service.score(body))
+        if response is None:
+            return Response(status_code=CLIENT_CLOSED_REQUEST)
         return OrjsonResponse(response.model_dump(exclude_none=True))
 
     @app.get("/health", summary="Readiness of every served model")
@@ -131,5 +182,14 @@ def create_app(
             for model in models.values()
         ]
         return ModelList(data=cards)
+
+    @app.get(
+        "/v1/scoring_functions",
+        response_model=ScoringFunctionList,
+        summary="Scoring functions with their parameters' JSON Schema",
+    )
+    async def list_scoring_functions():
+        cards = [ScoringFunctionCard(**function.describe()) for function in registry]
+        return ScoringFunctionList(data=sorted(cards, key=lambda card: card.id))
 
     return app

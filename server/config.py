@@ -30,6 +30,9 @@ class ModelKind(enum.StrEnum):
     REWARD = "reward"
     # Generate runner: log-probabilities of the prompt tokens.
     GENERATIVE = "generative"
+    # Pooling runner, token_classify task with step pooling: one row of logits
+    # per step tag token, as vLLM's Qwen2ForProcessRewardModel returns.
+    PROCESS_REWARD = "process_reward"
 
 
 class ModelConfig(BaseModel):
@@ -47,7 +50,7 @@ class ModelConfig(BaseModel):
         description="Local Hugging Face checkpoint folder (or a hub id where a hub "
         "is reachable).",
     )
-    kind: ModelKind = Field(description="`reward` or `generative`.")
+    kind: ModelKind = Field(description="`reward`, `generative` or `process_reward`.")
     dtype: str = Field(
         "auto",
         description="Weight dtype passed to vLLM; use float32 on CPU.",
@@ -91,6 +94,13 @@ class ModelConfig(BaseModel):
         default_factory=dict,
         description="Other vLLM engine arguments, as AsyncEngineArgs field names.",
     )
+    scoring_params: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="Default `params` per scoring function for this model, keyed by "
+        "function id or built-in short name, for example "
+        "`{raw: {shift: 0.2, scale: 1.5}}`. Parameters that a request sets override "
+        "these.",
+    )
 
     @field_validator("judge_template")
     @classmethod
@@ -113,6 +123,64 @@ class ModelConfig(BaseModel):
         return self
 
 
+class JobsConfig(BaseModel):
+    """Batch job settings: where jobs live, what they may read, how they run."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    folder: Path = Field(
+        Path("data/jobs"),
+        description="Folder of job records, stored inputs and result files. A "
+        "relative path is relative to the working directory, or to the config "
+        "file's folder when it starts with `./` or `../`.",
+    )
+    input_folders: list[Path] = Field(
+        default_factory=list,
+        description="Folders (with their subfolders) that `filepath` and "
+        "`file://` inputs may read; other local paths are rejected with 400. "
+        "Empty: jobs accept only `raw_bytes` and enabled remote URIs.",
+    )
+    uri_schemes: list[str] = Field(
+        default_factory=list,
+        description="URI schemes besides `file` that jobs may read through "
+        "fsspec, for example `s3` or `https`; each needs its fsspec backend "
+        "installed. Empty: remote inputs are rejected with 400.",
+    )
+    max_running_jobs: int = Field(
+        2, ge=1, description="Jobs that run at once; later jobs wait in a queue."
+    )
+    max_in_flight_per_job: int = Field(
+        16,
+        ge=1,
+        le=4096,
+        description="Maximum lines of one job that are being scored or waiting "
+        "to be written at once.",
+    )
+    priority: int = Field(
+        10,
+        ge=1,
+        le=1000,
+        description="vLLM scheduling priority of job lines; interactive requests "
+        "use 0 and lower values run first.",
+    )
+    max_raw_bytes: int = Field(
+        64 * 1024 * 1024,
+        ge=1,
+        description="Maximum size in bytes of a `raw_bytes` input, as UTF-8.",
+    )
+    max_line_bytes: int = Field(
+        8 * 1024 * 1024,
+        ge=1,
+        description="Maximum size in bytes of one input line; longer lines are "
+        "recorded as errors.",
+    )
+
+    @field_validator("uri_schemes")
+    @classmethod
+    def _normalize_schemes(cls, schemes: list[str]) -> list[str]:
+        return [scheme.lower().removesuffix("://") for scheme in schemes]
+
+
 class ServerConfig(BaseModel):
     """Settings of the whole server."""
 
@@ -123,10 +191,17 @@ class ServerConfig(BaseModel):
     models: list[ModelConfig] = Field(min_length=1)
     scoring_function_modules: list[str] = Field(
         default_factory=list,
-        description="Python modules to import for third-party scoring functions.",
+        description="Third-party scoring functions to register, each as "
+        "`module` (registers the module's `SCORING_FUNCTIONS` list) or "
+        "`module:attribute` (a ScoringFunction subclass or a list of them).",
     )
-    jobs: dict[str, Any] = Field(
-        default_factory=dict, description="Batch job settings."
+    scoring_function_entry_points: bool = Field(
+        True,
+        description="Also register the scoring functions that installed packages "
+        "declare in the `reward_model_service.scoring_functions` entry-point group.",
+    )
+    jobs: JobsConfig = Field(
+        default_factory=JobsConfig, description="Batch job settings."
     )
 
     @model_validator(mode="after")
@@ -155,10 +230,26 @@ def load_config_file(path: Path) -> dict[str, Any]:
 
 
 def resolve_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
-    """Make relative model paths in a config file relative to the file's folder."""
+    """Make relative model and job paths relative to the config file's folder.
+
+    Only values that start with ``./`` or ``../`` are changed.
+    """
     for model in data.get("models", []):
         for key in ("path", "tokenizer"):
             value = model.get(key)
             if isinstance(value, str) and value.startswith(("./", "../")):
                 model[key] = str((base / value).resolve())
+    jobs = data.get("jobs")
+    if isinstance(jobs, dict):
+        folder = jobs.get("folder")
+        if isinstance(folder, str) and folder.startswith(("./", "../")):
+            jobs["folder"] = str((base / folder).resolve())
+        folders = jobs.get("input_folders")
+        if isinstance(folders, list):
+            jobs["input_folders"] = [
+                str((base / value).resolve())
+                if isinstance(value, str) and value.startswith(("./", "../"))
+                else value
+                for value in folders
+            ]
     return data

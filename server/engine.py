@@ -6,6 +6,7 @@ import enum
 import logging
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,26 @@ logger = logging.getLogger(__name__)
 
 # GiB of KV cache per engine on CPU unless VLLM_CPU_KVCACHE_SPACE is set.
 DEFAULT_CPU_KV_CACHE_GIB = 1
+
+
+@dataclass(frozen=True)
+class TokenLogits:
+    """Head outputs of a token_classify request: one row of ``width`` per token."""
+
+    rows: list[list[float]]
+    width: int
+
+
+@dataclass(frozen=True)
+class Generation:
+    """One generated completion."""
+
+    text: str
+    token_ids: list[int]
+    # log P(token_ids[i] | prompt and token_ids[:i]) under the unscaled model.
+    logprobs: list[float]
+    # "stop" (end of sequence or a stop token) or "length" (max_tokens reached).
+    finish_reason: str | None
 
 
 class EngineState(enum.StrEnum):
@@ -33,7 +54,7 @@ def build_engine_args(config: ModelConfig) -> dict[str, Any]:
         "model": config.path,
         "tokenizer": config.tokenizer or config.path,
         "dtype": config.dtype,
-        "runner": "pooling" if config.kind == ModelKind.REWARD else "generate",
+        "runner": "generate" if config.kind == ModelKind.GENERATIVE else "pooling",
         "disable_log_stats": True,
         # Lets batch jobs run behind interactive requests.
         "scheduling_policy": "priority",
@@ -132,6 +153,9 @@ class ModelEngine:
         if self.kind == ModelKind.REWARD:
             values = await self.classify(token_ids, f"warmup-{self.id}")
             self.labels = head_labels(self.engine.model_config.hf_config, len(values))
+        elif self.kind == ModelKind.PROCESS_REWARD:
+            rows = await self.classify_tokens(token_ids, f"warmup-{self.id}")
+            self.labels = head_labels(self.engine.model_config.hf_config, rows.width)
         else:
             await self.prompt_logprobs(token_ids, f"warmup-{self.id}")
         self.state = EngineState.READY
@@ -225,6 +249,99 @@ class ModelEngine:
                 request_id,
                 priority=priority,
             )
+        )
+
+    async def classify_tokens(
+        self,
+        token_ids: list[int],
+        request_id: str,
+        step_tag_id: int | None = None,
+        priority: int = 0,
+    ) -> TokenLogits:
+        """Return raw head outputs per token, only at ``step_tag_id`` tokens if set.
+
+        This is vLLM's ``token_classify`` task. With step pooling (the pooling
+        type of process reward models) and a ``step_tag_id``, the rows are the
+        positions of that token in order.
+        """
+        from vllm import PoolingParams
+        from vllm.inputs import TokensPrompt
+
+        params = PoolingParams(
+            task="token_classify", use_activation=False, step_tag_id=step_tag_id
+        )
+        output = await final_output(
+            self.engine.encode(
+                TokensPrompt(prompt_token_ids=token_ids),
+                params,
+                request_id,
+                priority=priority,
+            )
+        )
+        data = output.outputs.data
+        width = int(data.shape[-1]) if data.dim() > 1 else 1
+        rows = [[float(v) for v in row] for row in data.reshape(-1, width).tolist()]
+        for row in rows:
+            self._check_finite(row, request_id)
+        return TokenLogits(rows, width)
+
+    async def next_token_logprobs(
+        self,
+        token_ids: list[int],
+        candidate_ids: list[int],
+        request_id: str,
+        priority: int = 0,
+    ) -> dict[int, float]:
+        """Return log P(candidate | token_ids) for each candidate next token.
+
+        The values are log-softmax over the whole vocabulary of the unscaled
+        logits (vLLM's ``logprob_token_ids``), so they do not sum to 0.
+        """
+        from vllm import SamplingParams
+
+        params = SamplingParams(
+            max_tokens=1,
+            temperature=0.0,
+            logprob_token_ids=list(candidate_ids),
+            detokenize=False,
+        )
+        output = await self.generate(token_ids, params, request_id, priority)
+        entry = output.outputs[0].logprobs[0]
+        values = {
+            token_id: float(entry[token_id].logprob) for token_id in candidate_ids
+        }
+        self._check_finite(list(values.values()), request_id)
+        return values
+
+    async def sample(
+        self,
+        token_ids: list[int],
+        request_id: str,
+        max_tokens: int,
+        temperature: float,
+        top_p: float,
+        priority: int = 0,
+    ) -> Generation:
+        """Generate a continuation and the log-probability of each sampled token.
+
+        The log-probabilities are of the unscaled distribution, before temperature
+        and top_p are applied.
+        """
+        from vllm import SamplingParams
+
+        params = SamplingParams(
+            max_tokens=max_tokens, temperature=temperature, top_p=top_p, logprobs=0
+        )
+        output = await self.generate(token_ids, params, request_id, priority)
+        completion = output.outputs[0]
+        generated = list(completion.token_ids)
+        logprobs = [
+            float(entry[token_id].logprob)
+            for token_id, entry in zip(generated, completion.logprobs, strict=True)
+        ]
+        self._check_finite(logprobs, request_id)
+        return Generation(
+            completion.text, generated, logprobs, completion.finish_reason
         )
 
     def _check_finite(self, values: list[float], request_id: str) -> None:

@@ -170,7 +170,9 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "reward-model-service"
-    kind: str = Field(description="Extension. `reward` or `generative`.")
+    kind: str = Field(
+        description="Extension. `reward`, `generative` or `process_reward`."
+    )
     max_model_len: int | None = Field(None, description="Extension.")
     labels: list[str] | None = Field(None, description="Extension. Head labels.")
 
@@ -180,3 +182,25 @@ class ModelList(BaseModel):
 
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+class ScoringFunctionCard(BaseModel):
+    """One entry of ``GET /v1/scoring_functions``."""
+
+    id: str = Field(
+        description="Namespaced id; built-ins also answer to the part "
+        "after `builtin::`."
+    )
+    object: Literal["scoring_function"] = "scoring_function"
+    description: str = Field(description="What `score` and `logprob` mean.")
+    model_kinds: list[str] = Field(description="Model kinds the function can use.")
+    parameters: dict[str, Any] = Field(
+        description="JSON Schema of `scoring_function.params`, with defaults."
+    )
+
+
+class ScoringFunctionList(BaseModel):
+    """Body of ``GET /v1/scoring_functions``."""
+
+    object: Literal["list"] = "list"
+    data: list[ScoringFunctionCard]

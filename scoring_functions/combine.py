@@ -1,0 +1,120 @@
+"""``weighted_sum``: a weighted combination of other scoring functions."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from scoring_functions.base import (
+    ALL_MODEL_KINDS,
+    ScoreResult,
+    ScoringContext,
+    ScoringFunction,
+    validate_params,
+)
+from server.errors import InvalidRequestError, NotFoundError
+
+logger = logging.getLogger(__name__)
+
+
+class Component(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, description="Id or built-in short name.")
+    params: dict[str, Any] = Field(
+        default_factory=dict, description="The function's own params."
+    )
+    weight: float = Field(1.0, description="Multiplies the function's score.")
+
+
+class WeightedSumParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    functions: list[Component] = Field(
+        min_length=1, description="The functions to combine, with their weights."
+    )
+
+
+class WeightedSum(ScoringFunction):
+    """Weighted sum of other functions' scores on the same conversation."""
+
+    name = "builtin::weighted_sum"
+    description = (
+        "score: the sum of weight * score over params.functions. logprob: the sum "
+        "of their logprobs, the log-probability that every part's outcome holds "
+        "if they are independent. detail.components: each part's id, weight, "
+        "score, logprob and detail."
+    )
+    model_kinds = ALL_MODEL_KINDS
+    Params = WeightedSumParams
+
+    async def compute(
+        self, context: ScoringContext, params: WeightedSumParams
+    ) -> ScoreResult:
+        parts = [
+            self._resolve(context, index, component)
+            for index, component in enumerate(params.functions)
+        ]
+        tasks = [
+            asyncio.ensure_future(function.score(context.child(), function_params))
+            for function, function_params in parts
+        ]
+        try:
+            results = await asyncio.gather(*tasks)
+        except BaseException:
+            # The first failure decides the response; stop the other parts.
+            for task in tasks:
+                task.cancel()
+            raise
+
+        components = [
+            {
+                "name": function.name,
+                "weight": component.weight,
+                "score": result.score,
+                "logprob": result.logprob,
+                "detail": result.detail,
+            }
+            for (function, _), component, result in zip(
+                parts, params.functions, results, strict=True
+            )
+        ]
+        return ScoreResult(
+            score=math.fsum(
+                component.weight * result.score
+                for component, result in zip(params.functions, results, strict=True)
+            ),
+            logprob=math.fsum(min(result.logprob, 0.0) for result in results),
+            detail={"components": components},
+        )
+
+    def _resolve(
+        self, context: ScoringContext, index: int, component: Component
+    ) -> tuple[ScoringFunction, BaseModel]:
+        """Return one part's function and validated params; 400 names the field."""
+        param = f"scoring_function.params.functions.{index}"
+        try:
+            function = self.registry.get(component.name)
+        except NotFoundError as error:
+            raise InvalidRequestError(
+                error.message.replace("scoring_function.name", f"{param}.name"),
+                param=f"{param}.name",
+            ) from error
+        model = context.model
+        if model.kind not in function.model_kinds:
+            kinds = " or ".join(sorted(kind.value for kind in function.model_kinds))
+            raise InvalidRequestError(
+                f"{param}.name: {function.name} needs a {kinds} model, but "
+                f"{model.id} is a {model.kind.value} model",
+                param=f"{param}.name",
+            )
+        function_params = validate_params(
+            function.Params,
+            component.params,
+            prefix=("scoring_function", "params", "functions", str(index), "params"),
+        )
+        return function, function_params
