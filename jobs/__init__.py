@@ -1,0 +1,1 @@
+"""Batch scoring jobs: JSONL files of conversations scored in the background."""

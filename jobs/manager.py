@@ -1,0 +1,506 @@
+"""The job manager: submits, schedules, persists, resumes and cancels jobs.
+
+A job's states are ``validating`` (reading and checking the input, then
+waiting for its model and for a run slot), ``running``, and then
+``completed``, ``failed`` or ``cancelled``. Each change is saved to the job's
+record before the job goes on, so after a restart every job that was not
+finished starts again: a ``validating`` job validates its input again, and a
+``running`` job resumes after the last row it wrote.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path as FilePath
+
+from pydantic import ValidationError
+
+from jobs.errors import InputTooLargeError, JobFailure, JobInterrupted, JobStateError
+from jobs.inputs import InputLocator
+from jobs.plan import LineDefaults, PlanSummary, build_plan
+from jobs.protocol import (
+    BatchRewardModelScoringJob,
+    JobStatus,
+    Path,
+    PathType,
+    RequestCounts,
+    SubmitJobRequest,
+)
+from jobs.results import ResultWriter, recover_row_count
+from jobs.runner import PlanRunner
+from jobs.store import JobFiles, JobRecord, load_records, new_job_id, save_record
+from scoring_functions.builtin import DEFAULT_FUNCTIONS
+from server.config import JobsConfig
+from server.engine import EngineState
+from server.errors import InvalidRequestError, NotFoundError, describe_validation_error
+from server.serving import ScoringService
+
+logger = logging.getLogger(__name__)
+
+MODEL_POLL_S = 0.5
+CHECKPOINT_INTERVAL_S = 2.0
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass(eq=False)
+class Job:
+    """A job's record and files, with the state of its run in this process."""
+
+    record: JobRecord
+    files: JobFiles
+    task: asyncio.Task | None = None
+    cancel_requested: bool = False
+    # Set to stop the validation thread.
+    stop_validation: threading.Event = field(default_factory=threading.Event)
+    save_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    @property
+    def job_id(self) -> str:
+        return self.record.job_id
+
+
+class JobManager:
+    """Runs batch jobs through a ScoringService and keeps their records."""
+
+    def __init__(self, config: JobsConfig, service: ScoringService) -> None:
+        self.config = config
+        self.service = service
+        self.root = FilePath(config.folder).resolve()
+        self.locator = InputLocator(config)
+        self.jobs: dict[str, Job] = {}
+        self.run_slots = asyncio.Semaphore(config.max_running_jobs)
+        self.validation_slots = asyncio.Semaphore(config.max_running_jobs)
+        self.started = False
+
+    async def start(self) -> None:
+        """Load the records in the jobs folder and resume unfinished jobs.
+
+        The folder is created by the first submission, not here.
+        """
+        loaded = []
+        if self.root.is_dir():
+            loaded = await asyncio.to_thread(load_records, self.root)
+        unfinished = []
+        for files, record in loaded:
+            job = Job(record, files)
+            self.jobs[job.job_id] = job
+            if not record.status.finished:
+                unfinished.append(job)
+        unfinished.sort(key=lambda job: job.record.created)
+        for job in unfinished:
+            logger.info(
+                "job %s: resuming (status %s)", job.job_id, job.record.status.value
+            )
+            self.launch(job)
+        self.started = True
+        logger.info(
+            "jobs: %d loaded from %s, %d resumed",
+            len(loaded),
+            self.root,
+            len(unfinished),
+        )
+
+    async def stop(self) -> None:
+        """Stop running jobs; they keep their status and resume on restart."""
+        tasks = [job.task for job in self.jobs.values() if job.task is not None]
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks)
+        self.started = False
+
+    def get(self, job_id: str) -> Job:
+        job = self.jobs.get(job_id)
+        if job is None:
+            raise NotFoundError(f"job_id: no job {job_id!r}", param="job_id")
+        return job
+
+    def list(
+        self, limit: int, after: str | None = None, status: JobStatus | None = None
+    ) -> tuple[list[Job], bool]:
+        """Return up to ``limit`` jobs, newest first, after job ``after``."""
+        jobs = sorted(
+            self.jobs.values(),
+            key=lambda job: (job.record.created, job.job_id),
+            reverse=True,
+        )
+        if after is not None:
+            cursor = self.get(after)
+            jobs = jobs[jobs.index(cursor) + 1 :]
+        if status is not None:
+            jobs = [job for job in jobs if job.record.status == status]
+        return jobs[:limit], len(jobs) > limit
+
+    async def submit(self, request: SubmitJobRequest) -> Job:
+        """Check the request, store the job and start it.
+
+        Raises NotFoundError for an unknown model or scoring function, and
+        InvalidRequestError or InputTooLargeError for an input that cannot be
+        used. Problems inside the input make the job fail or become error rows.
+        """
+        self.check_scoring(request)
+        source = request.prompt_with_response_path
+        data = None
+        if source.type == PathType.RAW_BYTES:
+            data = source.value.encode("utf-8")
+            if len(data) > self.config.max_raw_bytes:
+                raise InputTooLargeError(
+                    f"prompt_with_response_path.value: the input is {len(data)} "
+                    f"bytes, more than this server's jobs.max_raw_bytes "
+                    f"({self.config.max_raw_bytes}); send a filepath or uri instead",
+                    param="prompt_with_response_path.value",
+                )
+            source = Path(type=PathType.RAW_BYTES, value="")
+        else:
+            self.locator.check(source)
+
+        job_id = new_job_id()
+        files = JobFiles(self.root / job_id)
+        record = JobRecord(
+            job_id=job_id,
+            created=utc_now(),
+            status=JobStatus.VALIDATING,
+            reward_model=request.reward_model,
+            scoring_function=request.scoring_function,
+            options=request.options,
+            metadata=request.metadata,
+            input=source,
+        )
+        await asyncio.to_thread(create_job_files, files, data)
+        job = Job(record, files)
+        await self.save(job)
+        self.jobs[job_id] = job
+        logger.info(
+            "job %s: submitted (model %s, input %s)",
+            job_id,
+            record.reward_model,
+            source.type.value,
+        )
+        self.launch(job)
+        return job
+
+    def check_scoring(self, request: SubmitJobRequest) -> None:
+        """Raise unless the job's model and scoring function can work together.
+
+        Missing parameters are allowed, because the model's configuration may
+        give them defaults.
+        """
+        model = self.service.models.get(request.reward_model)
+        if model is None:
+            raise NotFoundError(
+                f"reward_model: unknown model {request.reward_model!r}; served "
+                f"models: {', '.join(sorted(self.service.models))}",
+                param="reward_model",
+            )
+        spec = request.scoring_function
+        function = self.service.registry.get(
+            spec.name if spec else DEFAULT_FUNCTIONS[model.kind]
+        )
+        if model.kind not in function.model_kinds:
+            kinds = " or ".join(sorted(kind.value for kind in function.model_kinds))
+            raise InvalidRequestError(
+                f"scoring_function.name: {function.name} needs a {kinds} model, but "
+                f"{model.id} is a {model.kind.value} model",
+                param="scoring_function.name",
+            )
+        try:
+            function.Params.model_validate(spec.params if spec else {})
+        except ValidationError as error:
+            problems = [
+                describe_validation_error(item)
+                for item in error.errors()
+                if item["type"] != "missing"
+            ]
+            if problems:
+                raise InvalidRequestError(
+                    "; ".join(
+                        f"scoring_function.params.{text}" for _, text in problems
+                    ),
+                    param=f"scoring_function.params.{problems[0][0]}",
+                ) from error
+
+    async def cancel(self, job_id: str) -> Job:
+        """Cancel a job that has not finished; keep the rows it wrote.
+
+        Cancelling a cancelled job returns it unchanged. Raises JobStateError
+        for a completed or failed job.
+        """
+        job = self.get(job_id)
+        status = job.record.status
+        if status == JobStatus.CANCELLED:
+            return job
+        if status.finished:
+            raise JobStateError(
+                f"job_id: job {job_id} is already {status.value}; only validating "
+                f"or running jobs can be cancelled",
+                param="job_id",
+            )
+        job.cancel_requested = True
+        job.stop_validation.set()
+        if job.task is not None and not job.task.done():
+            job.task.cancel()
+            await asyncio.wait([job.task])
+        if not job.record.status.finished:
+            # The job had stopped on its own (JobInterrupted or a stopped manager).
+            await self.finish(job, JobStatus.CANCELLED, "cancelled by request")
+        return job
+
+    async def wait(self, job_id: str) -> Job:
+        """Return the job once it has finished or stopped until a restart."""
+        job = self.get(job_id)
+        if job.task is not None:
+            await asyncio.wait([job.task])
+        return job
+
+    def launch(self, job: Job) -> None:
+        job.task = asyncio.create_task(self.run_job(job), name=f"job-{job.job_id}")
+
+    async def run_job(self, job: Job) -> None:
+        """Take the job through its states; each step saves the record first."""
+        try:
+            if job.record.status == JobStatus.VALIDATING:
+                async with self.validation_slots:
+                    summary = await self.validate(job)
+                if summary.valid == 0:
+                    await self.write_rejected_lines(job)
+                    message = (
+                        f"the input contains no valid line ({summary.total} non-blank "
+                        f"lines); the error file lists why each one was rejected"
+                    )
+                    if summary.total == 0:
+                        message = "the input contains no lines"
+                    await self.finish(job, JobStatus.FAILED, message)
+                    return
+            await self.wait_for_model(job)
+            async with self.run_slots:
+                await self.run(job)
+            await self.finish(job, JobStatus.COMPLETED)
+        except asyncio.CancelledError:
+            if not job.cancel_requested:
+                # The manager is stopping: the job resumes on restart.
+                raise
+            await self.finish(job, JobStatus.CANCELLED, "cancelled by request")
+        except JobFailure as failure:
+            await self.finish(job, JobStatus.FAILED, failure.message)
+        except JobInterrupted as interruption:
+            logger.error(
+                "job %s: stopped until the server restarts: %s",
+                job.job_id,
+                interruption.message,
+            )
+            job.record.error = interruption.message
+            await self.save(job)
+        except Exception as error:
+            logger.exception("job %s: failed with an unexpected error", job.job_id)
+            await self.finish(job, JobStatus.FAILED, f"internal error: {error}")
+
+    async def validate(self, job: Job) -> PlanSummary:
+        """Validate the input into the plan; blocking work runs in a thread."""
+        record = job.record
+        record.request_counts = RequestCounts()
+        defaults = LineDefaults(
+            reward_model=record.reward_model,
+            scoring_function=(
+                record.scoring_function.model_dump()
+                if record.scoring_function
+                else None
+            ),
+            options=(
+                record.options.model_dump(exclude_none=True) if record.options else None
+            ),
+        )
+
+        def on_line(summary: PlanSummary) -> None:
+            record.request_counts.total = summary.total
+
+        def validate_input() -> PlanSummary:
+            # Results of an earlier, interrupted run of this job are dropped.
+            for path in (job.files.success, job.files.errors):
+                path.write_bytes(b"")
+            with (
+                self.locator.open(record.input, job.files) as source,
+                open(job.files.plan, "wb") as plan,
+            ):
+                summary = build_plan(
+                    source,
+                    plan,
+                    defaults,
+                    self.config.max_line_bytes,
+                    job.stop_validation,
+                    on_line,
+                )
+                plan.flush()
+                os.fsync(plan.fileno())
+            return summary
+
+        future = asyncio.ensure_future(asyncio.to_thread(validate_input))
+        try:
+            summary = await asyncio.shield(future)
+        except asyncio.CancelledError:
+            job.stop_validation.set()
+            await asyncio.wait([future])
+            raise
+        record.request_counts.total = summary.total
+        record.valid_lines = summary.valid
+        await self.save(job)
+        logger.info(
+            "job %s: validated %d lines, %d valid",
+            job.job_id,
+            summary.total,
+            summary.valid,
+        )
+        return summary
+
+    async def wait_for_model(self, job: Job) -> None:
+        """Wait until the job's model is ready; raise JobFailure if it cannot be."""
+        model_id = job.record.reward_model
+        model = self.service.models.get(model_id)
+        if model is None:
+            raise JobFailure(
+                f"model {model_id} is no longer served; served models: "
+                f"{', '.join(sorted(self.service.models))}"
+            )
+        while not model.ready:
+            if model.state != EngineState.STARTING:
+                raise JobFailure(
+                    f"model {model_id} is unavailable "
+                    f"({model.error or model.state.value})"
+                )
+            await asyncio.sleep(MODEL_POLL_S)
+
+    async def run(self, job: Job) -> None:
+        """Run the job's plan from the first line without a row."""
+        record = job.record
+        files = job.files
+        written = await asyncio.to_thread(count_written_rows, files)
+        record.request_counts.completed, record.request_counts.failed = written
+        resumed = record.status == JobStatus.RUNNING
+        record.status = JobStatus.RUNNING
+        record.started_at = record.started_at or utc_now()
+        record.error = None
+        await self.save(job)
+        start = sum(written)
+        if resumed:
+            logger.info("job %s: resuming at plan entry %d", job.job_id, start)
+        else:
+            logger.info("job %s: running", job.job_id)
+
+        writer = await asyncio.to_thread(ResultWriter, files.success, files.errors)
+        runner = PlanRunner(
+            job.job_id,
+            self.service,
+            writer,
+            record.request_counts,
+            self.config.max_in_flight_per_job,
+            self.config.priority,
+        )
+        checkpoint = asyncio.create_task(self.checkpoint(job, writer))
+        try:
+            await runner.run(files.plan, start)
+        finally:
+            checkpoint.cancel()
+            await asyncio.wait([checkpoint])
+            await asyncio.to_thread(close_writer, writer)
+
+    async def checkpoint(self, job: Job, writer: ResultWriter) -> None:
+        """Sync the result files and save the counts every few seconds."""
+        while True:
+            await asyncio.sleep(CHECKPOINT_INTERVAL_S)
+            await asyncio.to_thread(writer.sync)
+            await self.save(job)
+
+    async def write_rejected_lines(self, job: Job) -> None:
+        """Write the error rows of a plan that has no valid line."""
+        writer = await asyncio.to_thread(
+            ResultWriter, job.files.success, job.files.errors
+        )
+        runner = PlanRunner(
+            job.job_id, self.service, writer, job.record.request_counts, 1, 0
+        )
+        try:
+            await runner.run(job.files.plan, 0)
+        finally:
+            await asyncio.to_thread(close_writer, writer)
+
+    async def finish(
+        self, job: Job, status: JobStatus, error: str | None = None
+    ) -> None:
+        record = job.record
+        record.status = status
+        record.finished_at = utc_now()
+        record.error = error
+        await self.save(job)
+        counts = record.request_counts
+        logger.info(
+            "job %s: %s (%d lines: %d completed, %d failed)%s",
+            job.job_id,
+            status.value,
+            counts.total,
+            counts.completed,
+            counts.failed,
+            f": {error}" if error else "",
+        )
+
+    async def save(self, job: Job) -> None:
+        """Write the job's record atomically; saves of one job never overlap."""
+        async with job.save_lock:
+            snapshot = job.record.model_copy(deep=True)
+            await asyncio.to_thread(save_record, job.files, snapshot)
+
+
+def create_job_files(files: JobFiles, raw_input: bytes | None) -> None:
+    files.folder.mkdir(parents=True)
+    if raw_input is not None:
+        with open(files.input, "wb") as file:
+            file.write(raw_input)
+            file.flush()
+            os.fsync(file.fileno())
+    for path in (files.success, files.errors):
+        path.touch()
+
+
+def count_written_rows(files: JobFiles) -> tuple[int, int]:
+    return recover_row_count(files.success), recover_row_count(files.errors)
+
+
+def close_writer(writer: ResultWriter) -> None:
+    writer.sync()
+    writer.close()
+
+
+def describe(
+    job: Job, file_url: Callable[[str], str] | None = None
+) -> BatchRewardModelScoringJob:
+    """Return the job as the API shows it; ``file_url`` maps success or error to
+    the URL that serves that file."""
+    record = job.record
+    files = job.files
+    input_path = record.input
+    if input_path.type == PathType.RAW_BYTES:
+        input_path = Path(type=PathType.FILEPATH, value=str(files.input))
+    return BatchRewardModelScoringJob(
+        job_id=record.job_id,
+        created=record.created,
+        status=record.status,
+        input_file_path=input_path,
+        success_file_path=Path(type=PathType.FILEPATH, value=str(files.success)),
+        error_file_path=Path(type=PathType.FILEPATH, value=str(files.errors)),
+        metadata=record.metadata,
+        request_counts=record.request_counts.model_copy(),
+        reward_model=record.reward_model,
+        scoring_function=record.scoring_function,
+        started_at=record.started_at,
+        finished_at=record.finished_at,
+        error=record.error,
+        success_file_url=file_url("success") if file_url else None,
+        error_file_url=file_url("error") if file_url else None,
+    )

@@ -1,0 +1,129 @@
+"""HTTP routes of batch jobs, under ``/reward_model_scoring/submit_job``."""
+
+from __future__ import annotations
+
+import logging
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import FileResponse
+
+from jobs.manager import Job, JobManager, describe
+from jobs.protocol import (
+    BatchRewardModelScoringJob,
+    JobList,
+    JobStatus,
+    SubmitJobRequest,
+)
+from server.errors import ErrorResponse
+
+logger = logging.getLogger(__name__)
+
+JOB_ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse, "description": description}
+    for status, description in [
+        (400, "Invalid request; `error.param` names the field."),
+        (404, "Unknown model, scoring function or job."),
+        (409, "The job's status does not allow the request."),
+        (413, "The `raw_bytes` input is larger than the server allows."),
+    ]
+}
+
+JobId = Annotated[str, Query(description="Id of the job, as returned by submit_job.")]
+
+router = APIRouter(prefix="/reward_model_scoring/submit_job", tags=["jobs"])
+
+
+def job_manager(request: Request) -> JobManager:
+    return request.app.state.job_manager
+
+
+def job_view(request: Request, job: Job) -> BatchRewardModelScoringJob:
+    def file_url(kind: str) -> str:
+        url = request.url_for("get_job_file")
+        return str(url.include_query_params(job_id=job.job_id, file=kind))
+
+    return describe(job, file_url)
+
+
+@router.post(
+    "/",
+    response_model=BatchRewardModelScoringJob,
+    responses=JOB_ERROR_RESPONSES,
+    summary="Batch scoring using reward models",
+)
+async def submit_job(body: SubmitJobRequest, request: Request):
+    """Submit a JSONL file of conversations to score in the background."""
+    job = await job_manager(request).submit(body)
+    return job_view(request, job)
+
+
+@router.get(
+    "/job_status",
+    response_model=BatchRewardModelScoringJob,
+    responses=JOB_ERROR_RESPONSES,
+    summary="Get status for an already submitted job",
+)
+async def job_status(request: Request, job_id: JobId):
+    return job_view(request, job_manager(request).get(job_id))
+
+
+@router.post(
+    "/cancel_job",
+    response_model=BatchRewardModelScoringJob,
+    responses=JOB_ERROR_RESPONSES,
+    summary="Cancel a job; the rows it wrote are kept",
+)
+async def cancel_job(request: Request, job_id: JobId):
+    job = await job_manager(request).cancel(job_id)
+    return job_view(request, job)
+
+
+@router.get(
+    "/list_jobs",
+    response_model=JobList,
+    responses=JOB_ERROR_RESPONSES,
+    summary="List jobs, newest first",
+)
+async def list_jobs(
+    request: Request,
+    limit: Annotated[
+        int, Query(ge=1, le=1000, description="Maximum jobs to return.")
+    ] = 20,
+    after: Annotated[
+        str | None, Query(description="Return the jobs listed after this job id.")
+    ] = None,
+    status: Annotated[
+        JobStatus | None, Query(description="Only jobs in this status.")
+    ] = None,
+):
+    jobs, has_more = job_manager(request).list(limit, after, status)
+    return JobList(data=[job_view(request, job) for job in jobs], has_more=has_more)
+
+
+@router.get(
+    "/job_file",
+    name="get_job_file",
+    response_class=FileResponse,
+    responses={
+        **JOB_ERROR_RESPONSES,
+        200: {"content": {"application/jsonl": {}}, "description": "JSONL rows."},
+    },
+    summary="Download a job's success or error file",
+)
+async def get_job_file(
+    request: Request,
+    job_id: JobId,
+    file: Annotated[
+        Literal["success", "error"], Query(description="Which result file.")
+    ],
+):
+    """Serve the file as it is now; while the job runs, later rows are missing
+    and the last row may be cut off."""
+    job = job_manager(request).get(job_id)
+    path = job.files.success if file == "success" else job.files.errors
+    return FileResponse(
+        path,
+        media_type="application/jsonl",
+        filename=f"{job_id}-{file}.jsonl",
+    )
