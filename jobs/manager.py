@@ -34,7 +34,14 @@ from jobs.protocol import (
 )
 from jobs.results import ResultWriter, recover_row_count
 from jobs.runner import PlanRunner
-from jobs.store import JobFiles, JobRecord, load_records, new_job_id, save_record
+from jobs.store import (
+    JobFiles,
+    JobRecord,
+    load_records,
+    lock_job,
+    new_job_id,
+    save_record,
+)
 from scoring_functions.builtin import DEFAULT_FUNCTIONS
 from server.config import JobsConfig
 from server.engine import EngineState
@@ -59,6 +66,8 @@ class Job:
     files: JobFiles
     task: asyncio.Task | None = None
     cancel_requested: bool = False
+    # Another process holds the job's lock and runs it.
+    run_elsewhere: bool = False
     # Set to stop the validation thread.
     stop_validation: threading.Event = field(default_factory=threading.Event)
     save_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -81,8 +90,9 @@ class JobManager:
         self.validation_slots = asyncio.Semaphore(config.max_running_jobs)
         self.started = False
 
-    async def start(self) -> None:
-        """Load the records in the jobs folder and resume unfinished jobs.
+    async def start(self, resume: bool = True) -> None:
+        """Load the records in the jobs folder and, with ``resume``, resume
+        unfinished jobs.
 
         The folder is created by the first submission, not here.
         """
@@ -95,12 +105,11 @@ class JobManager:
             self.jobs[job.job_id] = job
             if not record.status.finished:
                 unfinished.append(job)
+        if not resume:
+            unfinished = []
         unfinished.sort(key=lambda job: job.record.created)
         for job in unfinished:
-            logger.info(
-                "job %s: resuming (status %s)", job.job_id, job.record.status.value
-            )
-            self.launch(job)
+            self.resume(job.job_id)
         self.started = True
         logger.info(
             "jobs: %d loaded from %s, %d resumed",
@@ -108,6 +117,19 @@ class JobManager:
             self.root,
             len(unfinished),
         )
+
+    def resume(self, job_id: str) -> Job:
+        """Start a loaded job that has not finished; JobStateError if it has."""
+        job = self.get(job_id)
+        if job.record.status.finished:
+            raise JobStateError(
+                f"job_id: job {job_id} is already {job.record.status.value}",
+                param="job_id",
+            )
+        if job.task is None or job.task.done():
+            logger.info("job %s: resuming (status %s)", job_id, job.record.status.value)
+            self.launch(job)
+        return job
 
     async def stop(self) -> None:
         """Stop running jobs; they keep their status and resume on restart."""
@@ -201,6 +223,9 @@ class JobManager:
                 f"models: {', '.join(sorted(self.service.models))}",
                 param="reward_model",
             )
+        if model.state != EngineState.STARTING:
+            # Raises ServiceUnavailableError (HTTP 503) for a failed engine.
+            model.check_ready()
         spec = request.scoring_function
         function = self.service.registry.get(
             spec.name if spec else DEFAULT_FUNCTIONS[model.kind]
@@ -244,6 +269,12 @@ class JobManager:
                 f"or running jobs can be cancelled",
                 param="job_id",
             )
+        if job.run_elsewhere:
+            raise JobStateError(
+                f"job_id: job {job_id} is run by another process that uses the "
+                f"same jobs folder; cancel it there",
+                param="job_id",
+            )
         job.cancel_requested = True
         job.stop_validation.set()
         if job.task is not None and not job.task.done():
@@ -265,7 +296,22 @@ class JobManager:
         job.task = asyncio.create_task(self.run_job(job), name=f"job-{job.job_id}")
 
     async def run_job(self, job: Job) -> None:
-        """Take the job through its states; each step saves the record first."""
+        """Take the job through its states, holding the job's lock."""
+        lock = await asyncio.to_thread(lock_job, job.files)
+        if lock is None:
+            job.run_elsewhere = True
+            logger.warning(
+                "job %s: not run here, because another process holds its lock",
+                job.job_id,
+            )
+            return
+        try:
+            await self.advance(job)
+        finally:
+            os.close(lock)
+
+    async def advance(self, job: Job) -> None:
+        """Take the job from its current status to a final one, saving each step."""
         try:
             if job.record.status == JobStatus.VALIDATING:
                 async with self.validation_slots:
@@ -361,7 +407,11 @@ class JobManager:
         return summary
 
     async def wait_for_model(self, job: Job) -> None:
-        """Wait until the job's model is ready; raise JobFailure if it cannot be."""
+        """Wait until the job's model is ready.
+
+        Raises JobFailure when the model is no longer configured, and
+        JobInterrupted when its engine failed or stopped.
+        """
         model_id = job.record.reward_model
         model = self.service.models.get(model_id)
         if model is None:
@@ -371,7 +421,7 @@ class JobManager:
             )
         while not model.ready:
             if model.state != EngineState.STARTING:
-                raise JobFailure(
+                raise JobInterrupted(
                     f"model {model_id} is unavailable "
                     f"({model.error or model.state.value})"
                 )

@@ -3,6 +3,7 @@
 A job folder ``<jobs folder>/<job_id>/`` contains:
 
 - ``job.json``: the ``JobRecord``, replaced atomically on every change;
+- ``job.lock``: locked by the process that runs the job;
 - ``input.jsonl``: the submitted text of a ``raw_bytes`` input;
 - ``plan.jsonl``: one entry per non-blank input line, written while the job is
   ``validating``: the validated request, or the error that rejected the line;
@@ -11,6 +12,7 @@ A job folder ``<jobs folder>/<job_id>/`` contains:
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import re
@@ -67,6 +69,10 @@ class JobFiles:
         return self.folder / RECORD_NAME
 
     @property
+    def lock(self) -> FilePath:
+        return self.folder / "job.lock"
+
+    @property
     def input(self) -> FilePath:
         return self.folder / "input.jsonl"
 
@@ -111,6 +117,21 @@ def write_atomic(path: FilePath, data: bytes) -> None:
         FilePath(temporary).unlink(missing_ok=True)
         raise
     fsync_folder(path.parent)
+
+
+def lock_job(files: JobFiles) -> int | None:
+    """Lock the job for this process and return the lock's file descriptor.
+
+    Returns None when another process holds the lock. Closing the descriptor,
+    or the end of the process, releases it.
+    """
+    descriptor = os.open(files.lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(descriptor)
+        return None
+    return descriptor
 
 
 def save_record(files: JobFiles, record: JobRecord) -> None:
