@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import logging
+import shutil
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,6 +20,7 @@ from tests import tiny_models
 logger = logging.getLogger(__name__)
 
 ENGINE_START_TIMEOUT_S = 600
+PLUGIN_SOURCE = Path(__file__).parent / "plugin_package"
 
 
 @pytest.fixture(scope="session")
@@ -55,9 +59,61 @@ def wait_until_healthy(client: TestClient, timeout_s: float) -> None:
 
 
 @pytest.fixture(scope="session")
-def tiny_client(tiny_dir: Path) -> Iterator[TestClient]:
-    """HTTP client of an app serving the tiny models on real vLLM engines."""
-    config = ServerConfig(models=tiny_model_configs(tiny_dir))
+def jobs_input_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Folder from which the ``tiny_client`` app's jobs may read input files."""
+    return tmp_path_factory.mktemp("job-inputs")
+
+
+@pytest.fixture(scope="session")
+def tiny_client(
+    tiny_dir: Path, jobs_input_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[TestClient]:
+    """HTTP client of an app serving the tiny models on real vLLM engines.
+
+    Its jobs are stored in a temporary folder and may read ``jobs_input_dir``
+    and ``memory://`` URIs.
+    """
+    jobs = {
+        "folder": str(tmp_path_factory.mktemp("jobs")),
+        "input_folders": [str(jobs_input_dir)],
+        "uri_schemes": ["memory"],
+    }
+    config = ServerConfig(models=tiny_model_configs(tiny_dir), jobs=jobs)
     with TestClient(create_app(config)) as client:
         wait_until_healthy(client, ENGINE_START_TIMEOUT_S)
         yield client
+
+
+@pytest.fixture(scope="session")
+def installed_plugin(tmp_path_factory):
+    """Install tests/plugin_package into a temporary folder on sys.path.
+
+    pip writes the package's dist-info there too, so importlib.metadata finds
+    its entry point as it would in site-packages.
+    """
+    root = tmp_path_factory.mktemp("plugin")
+    source = root / "source"
+    # Built from a copy, so that the build leaves no files in the repository.
+    shutil.copytree(PLUGIN_SOURCE, source)
+    target = root / "site"
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--no-deps",
+            "--no-build-isolation",
+            "--no-index",
+            "--target",
+            str(target),
+            str(source),
+        ],
+        check=True,
+    )
+    sys.path.insert(0, str(target))
+    yield target
+    sys.path.remove(str(target))
+    for name in [name for name in sys.modules if name.startswith("rms_test_plugin")]:
+        del sys.modules[name]

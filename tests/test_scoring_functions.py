@@ -6,9 +6,6 @@ Each engine call returns preset values, so the expected scores follow by hand.
 from __future__ import annotations
 
 import math
-import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -29,7 +26,6 @@ from server.engine import Generation, TokenLogits
 from tests import tiny_models
 from tests.fake_engine import FakeEngine
 
-PLUGIN_SOURCE = Path(__file__).parent / "plugin_package"
 STEP_TAG = "<extra_0>"
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
@@ -940,41 +936,6 @@ def test_scoring_params_may_omit_required_params(tokenizer_dir):
 
 
 # Third-party plug-ins
-
-
-@pytest.fixture(scope="session")
-def installed_plugin(tmp_path_factory):
-    """Install tests/plugin_package into a temporary folder on sys.path.
-
-    pip writes the package's dist-info there too, so importlib.metadata finds
-    its entry point as it would in site-packages.
-    """
-    root = tmp_path_factory.mktemp("plugin")
-    source = root / "source"
-    # Built from a copy, so that the build leaves no files in the repository.
-    shutil.copytree(PLUGIN_SOURCE, source)
-    target = root / "site"
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "install",
-            "--quiet",
-            "--no-deps",
-            "--no-build-isolation",
-            "--no-index",
-            "--target",
-            str(target),
-            str(source),
-        ],
-        check=True,
-    )
-    sys.path.insert(0, str(target))
-    yield target
-    sys.path.remove(str(target))
-    for name in [name for name in sys.modules if name.startswith("rms_test_plugin")]:
-        del sys.modules[name]
 
 
 def test_plugin_entry_point_is_registered(installed_plugin):
