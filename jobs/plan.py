@@ -169,10 +169,9 @@ class LineParser:
                 f"prompt_with_response, or custom_id, method, url and body",
                 unknown[0],
             )
-        request: dict[str, Any] = {
-            "reward_model": self.defaults.reward_model,
-            "prompt_with_response": data.get("prompt_with_response"),
-        }
+        request: dict[str, Any] = {"reward_model": self.defaults.reward_model}
+        if "prompt_with_response" in data:
+            request["prompt_with_response"] = data["prompt_with_response"]
         if self.defaults.scoring_function is not None:
             request["scoring_function"] = self.defaults.scoring_function
         if self.defaults.options is not None:
