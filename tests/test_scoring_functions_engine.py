@@ -5,8 +5,10 @@ Every model-based score is compared with transformers on the same token ids.
 
 from __future__ import annotations
 
+import json
 import math
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -306,6 +308,92 @@ def test_scoring_functions_listed(tiny_client):
     assert response.status_code == 200, response.text
     ids = {card["id"] for card in response.json()["data"]}
     assert {"builtin::raw", "builtin::process_reward", "builtin::weighted_sum"} <= ids
+
+
+# Batch jobs run the same functions through ScoringService.
+
+JOBS = "/reward_model_scoring/submit_job/"
+
+
+def run_job(client, model: str, answers: list[str], scoring_function: dict) -> dict:
+    """Submit a job of one line per answer and return its final status and rows."""
+    lines = [
+        json.dumps({"custom_id": f"line-{i}", "prompt_with_response": conversation(a)})
+        for i, a in enumerate(answers)
+    ]
+    body = {
+        "reward_model": model,
+        "prompt_with_response_path": {"type": "raw_bytes", "value": "\n".join(lines)},
+        "scoring_function": scoring_function,
+    }
+    response = client.post(JOBS, json=body)
+    assert response.status_code == 200, response.text
+    job_id = response.json()["job_id"]
+    deadline = time.monotonic() + 120
+    while True:
+        job = client.get(f"{JOBS}job_status", params={"job_id": job_id}).json()
+        if job["status"] in ("completed", "failed", "cancelled"):
+            break
+        assert time.monotonic() < deadline, job
+        time.sleep(0.2)
+    rows = {}
+    for kind in ("success", "error"):
+        text = client.get(
+            f"{JOBS}job_file", params={"job_id": job_id, "file": kind}
+        ).text
+        rows[kind] = [json.loads(line) for line in text.splitlines() if line]
+    return {"job": job, **rows}
+
+
+def test_job_scores_equal_single_requests(tiny_client):
+    answers = ["Paris", "Rome is the answer.", "It is Paris."]
+    function = {
+        "name": "weighted_sum",
+        "params": {
+            "functions": [
+                {"name": "label_probability", "weight": 1.0},
+                {"name": "contains", "params": {"reference": "Paris"}, "weight": 0.5},
+            ]
+        },
+    }
+    result = run_job(tiny_client, "tiny-reward", answers, function)
+    assert result["job"]["status"] == "completed", result["job"]
+    assert result["error"] == []
+    assert [row["custom_id"] for row in result["success"]] == [
+        "line-0",
+        "line-1",
+        "line-2",
+    ]
+    for answer, row in zip(answers, result["success"], strict=True):
+        single = score(
+            tiny_client,
+            "tiny-reward",
+            conversation(answer),
+            function["name"],
+            **function["params"],
+        )
+        assert row["score"] == pytest.approx(single["score"], abs=1e-6)
+        assert row["logprob"] == pytest.approx(single["logprob"], abs=1e-6)
+        assert row["scoring_function"] == "builtin::weighted_sum"
+
+
+def test_job_records_unparseable_judge_output(tiny_client):
+    function = {
+        "name": "llm_judge",
+        "params": {
+            "method": "rating",
+            "template": SHORT_RATING_TEMPLATE,
+            "pattern": "(NEVER-MATCHES)",
+        },
+    }
+    result = run_job(tiny_client, "tiny-lm", ["Paris", "Rome"], function)
+    assert result["job"]["status"] == "completed", result["job"]
+    assert result["success"] == []
+    assert len(result["error"]) == 2
+    assert [row["custom_id"] for row in result["error"]] == ["line-0", "line-1"]
+    for row in result["error"]:
+        assert row["error"]["type"] == "unparseable_output_error"
+        assert "NEVER-MATCHES" in row["error"]["message"]
 
 
 # Process reward model and plug-ins, on their own server.
