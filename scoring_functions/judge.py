@@ -28,9 +28,10 @@ DEFAULT_RATING_TEMPLATE = (
     "{conversation}\n\n"
     "Here is the assistant's final answer:\n{response}\n\n"
     "Rate how correct and helpful the final answer is on a scale from 1 to 10. "
-    "Reply with the rating only, in the form: Rating: N"
+    "Reply with the number only."
 )
-DEFAULT_RATING_PATTERN = r"(?i)rating\W{0,3}(\d+(?:\.\d+)?)"
+# The first number in the output, because small judges seldom keep to a format.
+DEFAULT_RATING_PATTERN = r"(\d+(?:\.\d+)?)"
 # Generation settings when the request's options leave them unset. Greedy
 # decoding makes the rating reproducible.
 DEFAULT_MAX_TOKENS = 16
