@@ -47,7 +47,7 @@ class UnparseableOutputError(ServiceError):
 
 @dataclass
 class ScoreResult:
-    """What a scoring function returns for one conversation.
+    """Result of a scoring function for one conversation.
 
     ``logprob`` is a natural-log probability, finite and at most 0; each function
     documents what it is the probability of.
@@ -211,7 +211,7 @@ class ScoringFunction(ABC):
     model_kinds: ClassVar[frozenset[ModelKind]]
     Params: ClassVar[type[BaseModel]] = NoParams
 
-    # The registry that holds this function, set when it is registered; lets a
+    # The registry that contains this function, set when it is registered; lets a
     # function call other functions.
     registry: ScoringFunctionRegistry | None = None
 

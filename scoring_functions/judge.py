@@ -178,7 +178,7 @@ def parse_rating(output: str, params: LlmJudgeParams) -> float:
         )
     except TimeoutError as error:
         raise InvalidRequestError(
-            f"scoring_function.params.pattern: matching took more than "
+            f"scoring_function.params.pattern: matching timed out after "
             f"{PATTERN_TIMEOUT_S} s; use a pattern that does not backtrack",
             param="scoring_function.params.pattern",
         ) from error
@@ -261,6 +261,7 @@ class LlmJudge(ScoringFunction):
         context.conversation = render_judge_prompt(
             context, template, max_model_len - max_tokens
         )
+
         generation = await context.sample(
             context.conversation.token_ids,
             max_tokens=max_tokens,
@@ -272,6 +273,7 @@ class LlmJudge(ScoringFunction):
             top_p=options.top_p or DEFAULT_TOP_P,
         )
         rating = await asyncio.to_thread(parse_rating, generation.text, params)
+
         span = params.max_rating - params.min_rating
         detail = {
             "rating": rating,

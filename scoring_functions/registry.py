@@ -44,7 +44,7 @@ class ScoringFunctionRegistry:
     ) -> None:
         """Instantiate and add a function; ValueError names a bad or repeated id.
 
-        ``source`` says where the class came from, for error messages.
+        ``source`` names where the class came from, for error messages.
         """
         check_function_class(function_class, source)
         name = function_class.name

@@ -170,7 +170,7 @@ def match_pattern(response: str, params: RegexMatchParams) -> str | None:
         )
     except TimeoutError as error:
         raise InvalidRequestError(
-            f"scoring_function.params.pattern: matching took more than "
+            f"scoring_function.params.pattern: matching timed out after "
             f"{PATTERN_TIMEOUT_S} s; use a pattern that does not backtrack",
             param="scoring_function.params.pattern",
         ) from error

@@ -188,7 +188,7 @@ class ScoringFunctionCard(BaseModel):
     """One entry of ``GET /v1/scoring_functions``."""
 
     id: str = Field(
-        description="Namespaced id; built-ins also answer to the part "
+        description="Namespaced id. Built-ins can also be called by the part "
         "after `builtin::`."
     )
     object: Literal["scoring_function"] = "scoring_function"

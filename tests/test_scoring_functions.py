@@ -663,6 +663,13 @@ def test_regex_match_cases(client, params, expected, match):
     assert result["detail"] == {"match": match}
 
 
+def test_regex_match_times_out(client):
+    response = post(
+        client, "rm", conversation("a" * 40 + "b"), "regex_match", pattern="(a|aa)+$"
+    )
+    assert_invalid(response, "scoring_function.params.pattern", "timed out")
+
+
 def test_regex_match_rejects_invalid_pattern(client):
     response = post(client, "rm", conversation("x"), "regex_match", pattern="[a-")
     assert_invalid(response, "scoring_function.params.pattern", "invalid regular")
