@@ -45,17 +45,17 @@ QUOTED_OUTPUT_CHARS = 200
 
 
 def check_judge_template(template: str) -> str:
-    """Raise ValueError unless only {conversation} and {response} are used."""
+    """Check a judge template: {response} once, {conversation} any number of times."""
     try:
-        fields = {field for _, field, _, _ in string.Formatter().parse(template)}
+        fields = [field for _, field, _, _ in string.Formatter().parse(template)]
         template.format(conversation="", response="")
     except (KeyError, IndexError, ValueError) as error:
         raise ValueError(
             "the template may only use the {conversation} and {response} "
             f"placeholders; write literal braces as {{{{ and }}}}: {error!r}"
         ) from error
-    if "response" not in fields:
-        raise ValueError("the template must contain the {response} placeholder")
+    if fields.count("response") != 1:
+        raise ValueError("the template must contain the {response} placeholder once")
     return template
 
 

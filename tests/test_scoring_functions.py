@@ -345,6 +345,12 @@ def test_judge_drops_oldest_messages_to_fit(client, engines):
             id="no-response",
         ),
         pytest.param(
+            {"template": "{response} or {response}?"},
+            "template",
+            "once",
+            id="two-responses",
+        ),
+        pytest.param(
             {"pattern": "Rating: \\d+"}, "pattern", "group", id="pattern-without-group"
         ),
         pytest.param({"pattern": "(unclosed"}, "pattern", "invalid", id="bad-regex"),
