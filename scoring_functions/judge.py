@@ -152,6 +152,7 @@ def render_judge_prompt(
             f'shorten the conversation or send options.truncation="left"',
             param="prompt_with_response",
         )
+    judged = full
     for first in range(1, len(messages)):
         judged = renderer.tokenize(messages[first:])
         if len(judged.token_ids) <= limit:

@@ -329,6 +329,13 @@ def test_judge_drops_oldest_messages_to_fit(client, engines):
     assert "Is the final answer correct and helpful?" in prompt
 
 
+def test_judge_rejects_response_longer_than_context(client):
+    response = post(
+        client, "lm", conversation("two plus two is four. " * 30), "llm_judge"
+    )
+    assert_invalid(response, "prompt_with_response", "response alone")
+
+
 @pytest.mark.parametrize(
     ("params", "param", "text"),
     [
