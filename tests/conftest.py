@@ -117,3 +117,22 @@ def installed_plugin(tmp_path_factory):
     sys.path.remove(str(target))
     for name in [name for name in sys.modules if name.startswith("rms_test_plugin")]:
         del sys.modules[name]
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """The default SmolLM2-135M-Instruct checkpoint, converted on first use."""
+    from server.default_model import prepare_default_model
+
+    return prepare_default_model()
+
+
+@pytest.fixture(scope="session")
+def smollm2_client(smollm2_dir: Path) -> Iterator[TestClient]:
+    """HTTP client of an app serving the default configuration on SmolLM2."""
+    from server.cli import default_models
+
+    config = ServerConfig(models=default_models(smollm2_dir))
+    with TestClient(create_app(config)) as client:
+        wait_until_healthy(client, ENGINE_START_TIMEOUT_S)
+        yield client

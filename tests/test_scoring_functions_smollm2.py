@@ -11,13 +11,8 @@ import math
 import re
 
 import pytest
-from fastapi.testclient import TestClient
 
-from server.app import create_app
-from server.cli import default_models
-from server.config import ServerConfig
 from tests import reference
-from tests.conftest import ENGINE_START_TIMEOUT_S, wait_until_healthy
 
 pytestmark = [pytest.mark.engine, pytest.mark.smollm2]
 
@@ -30,19 +25,9 @@ def conversation(answer: str) -> list[dict]:
     return [*QUESTION, {"role": "assistant", "content": answer}]
 
 
-@pytest.fixture(scope="module")
-def smollm2_dir():
-    from server.default_model import prepare_default_model
-
-    return prepare_default_model()
-
-
-@pytest.fixture(scope="module")
-def client(smollm2_dir):
-    config = ServerConfig(models=default_models(smollm2_dir))
-    with TestClient(create_app(config)) as client:
-        wait_until_healthy(client, ENGINE_START_TIMEOUT_S)
-        yield client
+@pytest.fixture
+def client(smollm2_client):
+    return smollm2_client
 
 
 def post(client, model: str, answer: str, name: str, options=None, **params):

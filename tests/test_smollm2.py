@@ -5,13 +5,8 @@ from __future__ import annotations
 import math
 
 import pytest
-from fastapi.testclient import TestClient
 
-from server.app import create_app
-from server.cli import default_models
-from server.config import ServerConfig
 from tests import reference
-from tests.conftest import ENGINE_START_TIMEOUT_S, wait_until_healthy
 
 pytestmark = [pytest.mark.engine, pytest.mark.smollm2]
 
@@ -20,19 +15,9 @@ CORRECT = "The capital of France is Paris."
 WRONG = "The capital of France is Berlin."
 
 
-@pytest.fixture(scope="module")
-def smollm2_dir():
-    from server.default_model import prepare_default_model
-
-    return prepare_default_model()
-
-
-@pytest.fixture(scope="module")
-def client(smollm2_dir):
-    config = ServerConfig(models=default_models(smollm2_dir))
-    with TestClient(create_app(config)) as client:
-        wait_until_healthy(client, ENGINE_START_TIMEOUT_S)
-        yield client
+@pytest.fixture
+def client(smollm2_client):
+    return smollm2_client
 
 
 def score(client, model: str, answer: str, **extra) -> dict:
