@@ -33,7 +33,7 @@ from jobs.protocol import (
     SubmitJobRequest,
 )
 from jobs.results import ResultWriter, recover_row_count
-from jobs.runner import PlanRunner
+from jobs.runner import EngineLoad, PlanRunner
 from jobs.store import (
     JobFiles,
     JobRecord,
@@ -88,6 +88,7 @@ class JobManager:
         self.jobs: dict[str, Job] = {}
         self.run_slots = asyncio.Semaphore(config.max_running_jobs)
         self.validation_slots = asyncio.Semaphore(config.max_running_jobs)
+        self.load = EngineLoad(config.busy_cooldown_s)
         self.started = False
 
     async def start(self, resume: bool = True) -> None:
@@ -448,9 +449,12 @@ class JobManager:
         runner = PlanRunner(
             job.job_id,
             self.service,
+            self.service.models[record.reward_model],
             writer,
             record.request_counts,
+            self.load,
             self.config.max_in_flight_per_job,
+            self.config.max_in_flight_per_job_when_busy,
             self.config.priority,
         )
         checkpoint = asyncio.create_task(self.checkpoint(job, writer))
@@ -473,8 +477,17 @@ class JobManager:
         writer = await asyncio.to_thread(
             ResultWriter, job.files.success, job.files.errors
         )
+        # The plan has only errors, so the runner scores nothing.
         runner = PlanRunner(
-            job.job_id, self.service, writer, job.record.request_counts, 1, 0
+            job.job_id,
+            self.service,
+            None,
+            writer,
+            job.record.request_counts,
+            self.load,
+            max_in_flight=1,
+            busy_in_flight=1,
+            priority=self.config.priority,
         )
         try:
             await runner.run(job.files.plan, 0)

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import time
+from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 from pathlib import Path as FilePath
@@ -15,6 +18,7 @@ from pydantic import ValidationError
 from jobs.errors import JobFailure, JobInterrupted
 from jobs.protocol import RequestCounts
 from jobs.results import ResultWriter
+from server.engine import ModelEngine
 from server.errors import ServiceError, ServiceUnavailableError
 from server.protocol import RewardModelScoringRequest
 from server.serving import ScoringService
@@ -22,6 +26,8 @@ from server.serving import ScoringService
 logger = logging.getLogger(__name__)
 
 PLAN_READ_LINES = 512
+# How often a job held back by other requests checks whether they are gone.
+BUSY_CHECK_S = 0.02
 
 
 def error_row(
@@ -66,32 +72,73 @@ async def read_plan(path: FilePath, start: int) -> AsyncIterator[tuple[int, byte
                 index += 1
 
 
+class EngineLoad:
+    """Tells whether an engine serves requests other than job lines.
+
+    vLLM's ``AsyncLLM.get_num_unfinished_requests`` counts every request in the
+    engine. Those that job lines do not account for are taken to be
+    interactive. A line counts from the start of its scoring to its end,
+    rendering included, so the estimate errs toward finding no other request.
+    An engine stays busy for ``cooldown_s`` after other requests were last
+    seen, so that jobs do not fill it again between two interactive requests.
+    """
+
+    def __init__(self, cooldown_s: float) -> None:
+        self.cooldown_s = cooldown_s
+        self.job_lines: Counter[str] = Counter()
+        self.busy_until: dict[str, float] = {}
+
+    def other_requests(self, model: ModelEngine) -> int:
+        count = getattr(model.engine, "get_num_unfinished_requests", None)
+        if count is None:
+            return 0
+        return count() - self.job_lines[model.id]
+
+    def busy(self, model: ModelEngine) -> bool:
+        now = time.monotonic()
+        if self.other_requests(model) > 0:
+            self.busy_until[model.id] = now + self.cooldown_s
+            return True
+        return now < self.busy_until.get(model.id, 0.0)
+
+
 class PlanRunner:
     """Scores plan entries and writes their rows in plan order.
 
     At most ``max_in_flight`` entries are being scored or waiting to be
     written at a time, so a slow line holds back at most that many others.
+    While the engine has requests other than job lines, the job sends no more
+    than ``busy_in_flight`` lines to it, so that those requests wait behind
+    few job lines.
     """
 
     def __init__(
         self,
         job_id: str,
         service: ScoringService,
+        model: ModelEngine | None,
         writer: ResultWriter,
         counts: RequestCounts,
+        load: EngineLoad,
         max_in_flight: int,
+        busy_in_flight: int,
         priority: int,
     ) -> None:
         self.job_id = job_id
         self.service = service
+        self.model = model
         self.writer = writer
         self.counts = counts
+        self.load = load
         self.max_in_flight = max_in_flight
+        self.busy_in_flight = busy_in_flight
         self.priority = priority
         self.next_write = 0
         self.window = asyncio.Semaphore(max_in_flight)
         self.finished: dict[int, tuple[bool, bytes]] = {}
         self.failure: JobFailure | JobInterrupted | None = None
+        self.scoring = 0
+        self.line_scored = asyncio.Event()
 
     async def run(self, plan_path: FilePath, start: int) -> None:
         """Score the plan entries from index ``start`` on.
@@ -103,6 +150,9 @@ class PlanRunner:
         """
         self.next_write = start
         tasks: set[asyncio.Task] = set()
+        watcher = None
+        if self.model is not None:
+            watcher = asyncio.create_task(self.watch_load(self.model))
         try:
             async with aclosing(read_plan(plan_path, start)) as entries:
                 async for index, raw in entries:
@@ -121,19 +171,50 @@ class PlanRunner:
                         )
                         self.finish(index, False, row)
                         continue
+                    await self.wait_for_turn()
+                    # Counted from here, so that lines started in one burst
+                    # count before their tasks run.
+                    self.scoring += 1
+                    self.load.job_lines[self.model.id] += 1
                     task = asyncio.create_task(self.run_entry(index, entry))
                     tasks.add(task)
                     task.add_done_callback(tasks.discard)
+                    task.add_done_callback(self.line_done)
             if tasks:
                 await asyncio.wait(set(tasks))
         finally:
             pending = set(tasks)
+            if watcher is not None:
+                pending.add(watcher)
             for task in pending:
                 task.cancel()
             if pending:
                 await asyncio.wait(pending)
         if self.failure is not None:
             raise self.failure
+
+    async def watch_load(self, model: ModelEngine) -> None:
+        """Check the engine for other requests while the job runs.
+
+        Checking only when lines finish would miss an interactive request that
+        runs in the same engine step as job lines, because it finishes with
+        them.
+        """
+        while True:
+            self.load.busy(model)
+            await asyncio.sleep(BUSY_CHECK_S)
+
+    async def wait_for_turn(self) -> None:
+        """Wait while other requests use the engine and enough lines are in it."""
+        while self.scoring >= self.busy_in_flight and self.load.busy(self.model):
+            self.line_scored.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.line_scored.wait(), BUSY_CHECK_S)
+
+    def line_done(self, task: asyncio.Task) -> None:
+        self.scoring -= 1
+        self.load.job_lines[self.model.id] -= 1
+        self.line_scored.set()
 
     async def run_entry(self, index: int, entry: dict[str, Any]) -> None:
         try:

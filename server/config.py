@@ -156,6 +156,22 @@ class JobsConfig(BaseModel):
         description="Maximum lines of one job that are being scored or waiting "
         "to be written at once.",
     )
+    max_in_flight_per_job_when_busy: int = Field(
+        1,
+        ge=0,
+        le=4096,
+        description="Maximum lines of one job that are being scored while the "
+        "engine also has requests that are not job lines, such as interactive "
+        "ones. Lower values keep their latency closer to that of an idle "
+        "server; 0 pauses jobs until those requests are gone.",
+    )
+    busy_cooldown_s: float = Field(
+        1.0,
+        ge=0.0,
+        le=600.0,
+        description="Seconds that jobs keep to max_in_flight_per_job_when_busy "
+        "after they last saw other requests in the engine.",
+    )
     priority: int = Field(
         10,
         ge=1,

@@ -90,19 +90,39 @@ def assert_each_line_once(
     assert sorted(lines) == expected_lines
 
 
+class UnfinishedRequests:
+    """Stands in for AsyncLLM's count of unfinished requests."""
+
+    def __init__(self, engine: RecordingEngine) -> None:
+        self.owner = engine
+
+    def get_num_unfinished_requests(self) -> int:
+        return self.owner.active + self.owner.interactive
+
+
 class RecordingEngine(FakeEngine):
-    """A fake engine that can be slowed down and records request priorities."""
+    """A fake engine that can be slowed down, records request priorities and
+    concurrency, and can pretend that interactive requests are running."""
 
     delay_s: float = 0.0
+    interactive: int = 0
 
     def __init__(self, config) -> None:
         super().__init__(config)
         self.priorities: list[int] = []
+        self.active = 0
+        self.max_active = 0
+        self.engine = UnfinishedRequests(self)
 
     async def classify(self, token_ids, request_id, priority=0):
         self.priorities.append(priority)
-        await asyncio.sleep(self.delay_s)
-        return await super().classify(token_ids, request_id, priority)
+        self.active += 1
+        self.max_active = max(self.max_active, self.active)
+        try:
+            await asyncio.sleep(self.delay_s)
+            return await super().classify(token_ids, request_id, priority)
+        finally:
+            self.active -= 1
 
     async def prompt_logprobs(self, token_ids, request_id, priority=0):
         self.priorities.append(priority)
@@ -531,3 +551,19 @@ def test_engine_failure_pauses_job_until_restart(tokenizer_dir, tmp_path):
     assert status["error"] is None
     assert len(success) == 10
     assert errors == []
+
+
+@pytest.mark.parametrize(("interactive", "expected"), [(0, 4), (1, 1)])
+def test_job_yields_to_interactive_requests(
+    tokenizer_dir, tmp_path, interactive, expected
+):
+    with make_client(
+        tokenizer_dir, tmp_path, delay_s=0.05, interactive=interactive
+    ) as client:
+        wait_ready(client)
+        job = submit(client, raw_input([job_line(f"c{i}") for i in range(16)]))
+        status = wait_for_job(client, job["job_id"])
+        engine = client.app.state.service.models["rm"]
+    assert status["request_counts"]["completed"] == 16, status
+    # max_in_flight_per_job is 4, and 1 while other requests are running.
+    assert engine.max_active == expected
