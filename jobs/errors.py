@@ -1,9 +1,11 @@
-"""Errors of the job API and the job-level failure that ends a job.
+"""Errors of the job API, and the exceptions that stop a job.
 
 Jobs have three tiers of errors. A submission that cannot become a job is
-rejected with a ``ServiceError`` (HTTP 4xx). A job that cannot go on raises
-``JobFailure`` and ends ``failed``. A line that cannot be scored becomes a row
-of the job's error file, and the job goes on.
+rejected with a ``ServiceError`` (HTTP 4xx or 503). A job that cannot go on
+raises ``JobFailure`` and ends ``failed``. A line that cannot be scored becomes
+a row of the job's error file, and the job goes on. Besides these,
+``JobInterrupted`` stops a job whose engine died, without finishing it, so
+that it resumes when the server restarts.
 """
 
 from __future__ import annotations

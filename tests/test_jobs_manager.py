@@ -567,3 +567,17 @@ def test_job_yields_to_interactive_requests(
     assert status["request_counts"]["completed"] == 16, status
     # max_in_flight_per_job is 4, and 1 while other requests are running.
     assert engine.max_active == expected
+
+
+def test_running_jobs_share_the_engine(tokenizer_dir, tmp_path):
+    jobs = {"max_running_jobs": 2}
+    with make_client(tokenizer_dir, tmp_path, jobs=jobs, delay_s=0.02) as client:
+        wait_ready(client)
+        first = submit(client, raw_input([job_line(f"a{i}") for i in range(40)]))
+        second = submit(client, raw_input([job_line(f"b{i}") for i in range(40)]))
+        first_done = wait_for_job(client, first["job_id"])
+        second_done = wait_for_job(client, second["job_id"])
+    assert first_done["status"] == second_done["status"] == "completed"
+    # Both ran at once, and neither waited for the other to finish.
+    assert second_done["started_at"] < first_done["finished_at"]
+    assert first_done["started_at"] < second_done["finished_at"]

@@ -1,0 +1,84 @@
+"""``python -m jobs``: offline scoring of a JSONL file on a tiny engine."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.test_jobs_manager import job_line
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+TIMEOUT_S = 600
+
+
+def run_command(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "jobs", *args],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+    )
+
+
+def test_command_needs_input_or_resume():
+    result = run_command()
+    assert result.returncode == 2
+    assert "give either INPUT or --resume JOB_ID" in result.stderr
+
+
+def test_command_rejects_unknown_job(tmp_path):
+    model = {"id": "rm", "path": str(tmp_path), "kind": "reward"}
+    result = run_command(
+        "--resume",
+        "job-0123",
+        "--jobs-dir",
+        str(tmp_path),
+        "--model",
+        json.dumps(model),
+    )
+    assert result.returncode == 2
+    assert "no job job-0123" in result.stderr
+
+
+@pytest.mark.engine
+def test_command_scores_file(tiny_dir, tmp_path):
+    input_path = tmp_path / "input.jsonl"
+    lines = [job_line(f"c{i}", f"Answer {i}") for i in range(20)] + ["{bad"]
+    input_path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    model = {
+        "id": "tiny-reward",
+        "path": str(tiny_dir / "reward"),
+        "kind": "reward",
+        "dtype": "float32",
+        "max_model_len": 128,
+        "engine_args": {"enforce_eager": True},
+    }
+
+    result = run_command(
+        str(input_path),
+        "--model",
+        json.dumps(model),
+        "--jobs-dir",
+        str(tmp_path / "jobs"),
+        "--metadata",
+        '{"source": "test"}',
+    )
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    summary = dict(
+        line.split(": ", 1) for line in result.stdout.splitlines() if ": " in line
+    )
+    assert summary["lines"] == "21 total, 20 completed, 1 failed"
+    success = Path(summary["success file"]).read_text("utf-8").splitlines()
+    errors = Path(summary["error file"]).read_text("utf-8").splitlines()
+    assert [json.loads(row)["custom_id"] for row in success] == [
+        f"c{i}" for i in range(20)
+    ]
+    assert json.loads(errors[0])["line"] == 21
+    # The progress bar writes to stderr.
+    assert "completed" in result.stderr
