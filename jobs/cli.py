@@ -31,7 +31,7 @@ logger = logging.getLogger(__name__)
 
 PROGRESS_INTERVAL_S = 0.5
 EXIT_FAILED = 1
-EXIT_STOPPED = 2
+EXIT_STOPPED = 3
 EXIT_INTERRUPTED = 130
 
 
@@ -235,7 +235,14 @@ def write_line(text: str) -> None:
     sys.stdout.write(text + "\n")
 
 
-def print_summary(job: Job, elapsed_s: float, jobs_dir: FilePath) -> None:
+def print_summary(
+    job: Job, elapsed_s: float, jobs_dir: FilePath, resumed: bool
+) -> None:
+    """Print the job's outcome and counts.
+
+    The scoring rate is printed only for a job begun in this run, because a
+    resumed job's start time is that of its first run.
+    """
     view = describe(job)
     counts = view.request_counts
     done = counts.completed + counts.failed
@@ -245,7 +252,7 @@ def print_summary(job: Job, elapsed_s: float, jobs_dir: FilePath) -> None:
         f"{counts.failed} failed"
     )
     write_line(f"time: {elapsed_s:.1f} s, with the engine start")
-    if view.started_at is not None and view.finished_at is not None:
+    if not resumed and view.started_at and view.finished_at:
         scoring_s = (view.finished_at - view.started_at).total_seconds()
         rate = done / max(scoring_s, 1e-9)
         write_line(f"scoring: {scoring_s:.1f} s ({rate:.1f} lines/s)")
@@ -268,8 +275,9 @@ def main(argv: list[str] | None = None) -> int:
         level=args.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    # vLLM configures its own loggers from this variable when it is imported.
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", args.log_level.upper())
+    # vLLM would otherwise log to stdout, mixed with the summary. Unconfigured,
+    # its loggers go through the root logger set up above, to stderr.
+    os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "0")
     try:
         config = load_config(args)
         request = None
@@ -304,9 +312,16 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(error.message)
     except KeyboardInterrupt:
         if started:
-            print_summary(started[0], time.monotonic() - began, config.jobs.folder)
+            print_summary(
+                started[0],
+                time.monotonic() - began,
+                config.jobs.folder,
+                args.resume is not None,
+            )
         return EXIT_INTERRUPTED
-    print_summary(job, time.monotonic() - began, config.jobs.folder)
+    print_summary(
+        job, time.monotonic() - began, config.jobs.folder, args.resume is not None
+    )
     if job.record.status == JobStatus.COMPLETED:
         return 0
     return EXIT_FAILED if job.record.status.finished else EXIT_STOPPED

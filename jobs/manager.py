@@ -3,8 +3,8 @@
 A job's states are ``validating`` (reading and checking the input, then
 waiting for its model and for a run slot), ``running``, and then
 ``completed``, ``failed`` or ``cancelled``. Each change is saved to the job's
-record before the job goes on, so after a restart every job that was not
-finished starts again: a ``validating`` job validates its input again, and a
+record before the job goes on. After a restart, every job that was not
+finished starts again. A ``validating`` job validates its input again, and a
 ``running`` job resumes after the last row it wrote.
 """
 
@@ -302,8 +302,9 @@ class JobManager:
         if lock is None:
             job.run_elsewhere = True
             logger.warning(
-                "job %s: not run here, because another process holds its lock",
+                "job %s: skipped, because another process holds its lock %s",
                 job.job_id,
+                job.files.lock,
             )
             return
         try:

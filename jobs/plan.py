@@ -35,7 +35,7 @@ BATCH_LINE_FIELDS = frozenset({"method", "url", "body"})
 
 @dataclass(frozen=True)
 class LineDefaults:
-    """What the job gives every line that does not set it itself."""
+    """Job-level values for the lines that do not set their own."""
 
     reward_model: str
     scoring_function: dict[str, Any] | None

@@ -2,9 +2,9 @@
 
 Rows are written in plan order, one ``write`` per run of rows that go to the
 same file, so the rows written so far are always the results of the first N
-plan entries. A crash can only cut the last row written. ``recover_row_count``
-removes such a partial row and returns N, so a resumed job starts at plan
-entry N and writes every line exactly once.
+plan entries. When the process dies, only the last row written can be cut
+off. ``recover_row_count`` removes such a partial row, and the counts of both
+files add up to N, so a resumed job starts at plan entry N.
 """
 
 from __future__ import annotations
@@ -19,7 +19,12 @@ TAIL_READ_BYTES = 1 << 16
 
 
 def recover_row_count(path: FilePath) -> int:
-    """Truncate a partial last row of ``path`` and return the complete rows."""
+    """Truncate a partial last row of ``path`` and return the complete rows.
+
+    NOTE: this relies on the kernel having every row written before the
+    process died. After a power loss, one file may lose rows that the other
+    kept, and a resumed job may then repeat or skip lines.
+    """
     if not path.exists():
         return 0
     with open(path, "r+b") as file:
