@@ -15,7 +15,7 @@ from jobs.protocol import (
     JobStatus,
     SubmitJobRequest,
 )
-from server.errors import ErrorResponse
+from server.errors import ErrorResponse, NotFoundError
 
 logger = logging.getLogger(__name__)
 
@@ -122,6 +122,11 @@ async def get_job_file(
     and the last row may be cut off."""
     job = job_manager(request).get(job_id)
     path = job.files.success if file == "success" else job.files.errors
+    if not path.is_file():
+        raise NotFoundError(
+            f"file: the {file} file of job {job_id} is missing from {path.parent}",
+            param="file",
+        )
     return FileResponse(
         path,
         media_type="application/jsonl",

@@ -224,6 +224,12 @@ class PlanRunner:
             self.failure = self.failure or failure
             # Lets the reading loop wake up and see the failure.
             self.window.release()
+        except Exception as error:
+            # A bug here must end the job rather than leave its reading loop
+            # waiting for a window slot that is never released.
+            logger.exception("job %s: plan entry %d failed", self.job_id, index)
+            self.failure = self.failure or JobFailure(f"internal error: {error}")
+            self.window.release()
 
     async def score(self, entry: dict[str, Any]) -> tuple[bool, bytes]:
         """Score one plan entry and return its row.

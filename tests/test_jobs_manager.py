@@ -581,3 +581,25 @@ def test_running_jobs_share_the_engine(tokenizer_dir, tmp_path):
     # Both ran at once, and neither waited for the other to finish.
     assert second_done["started_at"] < first_done["finished_at"]
     assert first_done["started_at"] < second_done["finished_at"]
+
+
+def test_unexpected_line_error_is_internal_error_row(client, engine):
+    engine.fail_with = RuntimeError("tensor on fire")
+    job = submit(client, raw_input([job_line("a"), job_line("b")]))
+    status = wait_for_job(client, job["job_id"])
+    assert status["status"] == "completed", status
+    assert status["request_counts"] == {"total": 2, "completed": 0, "failed": 2}
+    _, errors = read_rows(client, job["job_id"])
+    assert [row["error"]["type"] for row in errors] == ["internal_error"] * 2
+    # The row points to the server log and does not show internals.
+    assert f"{job['job_id']}-1" in errors[0]["error"]["message"]
+    assert "tensor on fire" not in errors[0]["error"]["message"]
+
+
+def test_missing_result_file_is_404(client):
+    job = submit(client, raw_input([job_line("a")]))
+    status = wait_for_job(client, job["job_id"])
+    Path(status["error_file_path"]["value"]).unlink()
+    response = client.get(FILE, params={"job_id": job["job_id"], "file": "error"})
+    assert response.status_code == 404, response.text
+    assert response.json()["error"]["param"] == "file"
