@@ -19,8 +19,6 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path as FilePath
 
-from pydantic import ValidationError
-
 from jobs.errors import InputTooLargeError, JobFailure, JobInterrupted, JobStateError
 from jobs.inputs import InputLocator
 from jobs.plan import LineDefaults, PlanSummary, build_plan
@@ -42,10 +40,9 @@ from jobs.store import (
     new_job_id,
     save_record,
 )
-from scoring_functions.builtin import DEFAULT_FUNCTIONS
 from server.config import JobsConfig
 from server.engine import EngineState
-from server.errors import InvalidRequestError, NotFoundError, describe_validation_error
+from server.errors import NotFoundError
 from server.serving import ScoringService
 
 logger = logging.getLogger(__name__)
@@ -212,47 +209,12 @@ class JobManager:
         return job
 
     def check_scoring(self, request: SubmitJobRequest) -> None:
-        """Raise unless the job's model and scoring function can work together.
-
-        Missing parameters are allowed, because the model's configuration may
-        give them defaults.
-        """
-        model = self.service.models.get(request.reward_model)
-        if model is None:
-            raise NotFoundError(
-                f"reward_model: unknown model {request.reward_model!r}; served "
-                f"models: {', '.join(sorted(self.service.models))}",
-                param="reward_model",
-            )
+        """Raise unless the job's model and scoring function can work together."""
+        model = self.service.find_model(request.reward_model)
         if model.state != EngineState.STARTING:
             # Raises ServiceUnavailableError (HTTP 503) for a failed engine.
             model.check_ready()
-        spec = request.scoring_function
-        function = self.service.registry.get(
-            spec.name if spec else DEFAULT_FUNCTIONS[model.kind]
-        )
-        if model.kind not in function.model_kinds:
-            kinds = " or ".join(sorted(kind.value for kind in function.model_kinds))
-            raise InvalidRequestError(
-                f"scoring_function.name: {function.name} needs a {kinds} model, but "
-                f"{model.id} is a {model.kind.value} model",
-                param="scoring_function.name",
-            )
-        try:
-            function.Params.model_validate(spec.params if spec else {})
-        except ValidationError as error:
-            problems = [
-                describe_validation_error(item)
-                for item in error.errors()
-                if item["type"] != "missing"
-            ]
-            if problems:
-                raise InvalidRequestError(
-                    "; ".join(
-                        f"scoring_function.params.{text}" for _, text in problems
-                    ),
-                    param=f"scoring_function.params.{problems[0][0]}",
-                ) from error
+        self.service.resolve_function(model, request.scoring_function)
 
     async def cancel(self, job_id: str) -> Job:
         """Cancel a job that has not finished; keep the rows it wrote.

@@ -6,9 +6,14 @@ import logging
 import math
 import uuid
 
-from pydantic import ValidationError
+from pydantic import BaseModel
 
-from scoring_functions.base import ScoreResult, ScoringContext
+from scoring_functions.base import (
+    ScoreResult,
+    ScoringContext,
+    ScoringFunction,
+    validate_params,
+)
 from scoring_functions.builtin import DEFAULT_FUNCTIONS
 from scoring_functions.registry import ScoringFunctionRegistry
 from server.engine import ModelEngine
@@ -16,13 +21,13 @@ from server.errors import (
     InvalidRequestError,
     ModelOutputError,
     NotFoundError,
-    describe_validation_errors,
 )
 from server.protocol import (
     RewardModelScoringRequest,
     RewardModelScoringResponse,
     Usage,
 )
+from server.protocol import ScoringFunction as ScoringFunctionSpec
 
 logger = logging.getLogger(__name__)
 
@@ -40,8 +45,8 @@ class ScoringService:
         self.models = models
         self.registry = registry
 
-    def get_model(self, model_id: str) -> ModelEngine:
-        """Return a ready model; 404 names the served ids, 503 if not ready."""
+    def find_model(self, model_id: str) -> ModelEngine:
+        """Return a served model, ready or not; 404 names the served ids."""
         model = self.models.get(model_id)
         if model is None:
             raise NotFoundError(
@@ -49,8 +54,37 @@ class ScoringService:
                 f"{', '.join(sorted(self.models))}",
                 param="reward_model",
             )
+        return model
+
+    def get_model(self, model_id: str) -> ModelEngine:
+        """Return a ready model; 404 names the served ids, 503 if not ready."""
+        model = self.find_model(model_id)
         model.check_ready()
         return model
+
+    def resolve_function(
+        self, model: ModelEngine, spec: ScoringFunctionSpec | None
+    ) -> tuple[ScoringFunction, BaseModel]:
+        """Return the function a request names (or the kind's default) and its params.
+
+        The model's configured ``scoring_params`` fill the params that the
+        request leaves out. Raises NotFoundError for an unknown function and
+        InvalidRequestError for one that does not suit the model's kind or for
+        invalid params.
+        """
+        function = self.registry.get(
+            spec.name if spec else DEFAULT_FUNCTIONS[model.kind]
+        )
+        if model.kind not in function.model_kinds:
+            kinds = " or ".join(sorted(kind.value for kind in function.model_kinds))
+            raise InvalidRequestError(
+                f"scoring_function.name: {function.name} needs a {kinds} model, but "
+                f"{model.id} is a {model.kind.value} model",
+                param="scoring_function.name",
+            )
+        defaults = function.model_defaults(model.config.scoring_params)
+        params = {**defaults, **(spec.params if spec else {})}
+        return function, validate_params(function.Params, params)
 
     async def score(
         self,
@@ -68,18 +102,7 @@ class ScoringService:
             )
 
         model = self.get_model(request.reward_model)
-        spec = request.scoring_function
-        function = self.registry.get(
-            spec.name if spec else DEFAULT_FUNCTIONS[model.kind]
-        )
-        if model.kind not in function.model_kinds:
-            kinds = " or ".join(sorted(kind.value for kind in function.model_kinds))
-            raise InvalidRequestError(
-                f"scoring_function.name: {function.name} needs a {kinds} model, but "
-                f"{model.id} is a {model.kind.value} model",
-                param="scoring_function.name",
-            )
-        params = validate_params(function.Params, spec.params if spec else {})
+        function, params = self.resolve_function(model, request.scoring_function)
 
         options = request.options
         truncation = options.truncation or model.config.truncation
@@ -114,17 +137,6 @@ class ScoringService:
                 conversation.response_start if options.return_token_ids else None
             ),
         )
-
-
-def validate_params(params_model, params: dict):
-    """Validate a function's params; 400 names the first invalid parameter."""
-    try:
-        return params_model.model_validate(params)
-    except ValidationError as error:
-        param, message = describe_validation_errors(
-            error.errors(), prefix=("scoring_function", "params")
-        )
-        raise InvalidRequestError(message, param=param) from error
 
 
 def check_result(result: ScoreResult, model_id: str, request_id: str) -> None:
