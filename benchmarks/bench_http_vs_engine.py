@@ -29,6 +29,7 @@ from pathlib import Path
 from benchmarks.common import (
     ServerProcess,
     conversations,
+    model_spec,
     percentile,
     run_http_load,
     write_result,
@@ -36,26 +37,6 @@ from benchmarks.common import (
 from server.config import ModelConfig
 
 logger = logging.getLogger(__name__)
-
-
-def model_spec(name: str, work_dir: Path) -> dict:
-    if name == "tiny":
-        from tests.tiny_models import build_reward_model
-
-        path = build_reward_model(work_dir / "reward", ["reward"])
-        return {
-            "id": "bench",
-            "path": str(path),
-            "kind": "reward",
-            "dtype": "float32",
-            "max_model_len": 256,
-            "engine_args": {"enforce_eager": True},
-        }
-    from server.cli import default_models
-    from server.default_model import prepare_default_model
-
-    spec = default_models(prepare_default_model())[0]
-    return {**spec, "id": "bench"}
 
 
 async def engine_throughput(spec: dict, messages: list[list[dict]]) -> float:

@@ -37,7 +37,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import conversations, percentile, write_result
+from benchmarks.common import conversations, model_spec, percentile, write_result
 from jobs.manager import JobManager
 from jobs.protocol import JobStatus, SubmitJobRequest
 from server.config import JobsConfig, ModelConfig
@@ -52,26 +52,6 @@ PROBE_ANSWER = [
     {"role": "user", "content": "What is the capital of France?"},
     {"role": "assistant", "content": "Paris is the capital of France."},
 ]
-
-
-def model_spec(name: str, work_dir: Path) -> dict:
-    if name == "tiny":
-        from tests.tiny_models import build_reward_model
-
-        path = build_reward_model(work_dir / "reward", ["reward"])
-        return {
-            "id": "bench",
-            "path": str(path),
-            "kind": "reward",
-            "dtype": "float32",
-            "max_model_len": 256,
-            "engine_args": {"enforce_eager": True},
-        }
-    from server.cli import default_models
-    from server.default_model import prepare_default_model
-
-    spec = default_models(prepare_default_model())[0]
-    return {**spec, "id": "bench"}
 
 
 async def engine_seconds(engine, messages: list[list[dict]]) -> float:

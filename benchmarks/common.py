@@ -129,3 +129,24 @@ def write_result(name: str, result: dict) -> Path:
 def percentile(values: list[float], fraction: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
+
+
+def model_spec(name: str, work_dir: Path) -> dict:
+    """Return the model settings for ``tiny`` (built in ``work_dir``) or ``smollm2``."""
+    if name == "tiny":
+        from tests.tiny_models import build_reward_model
+
+        path = build_reward_model(work_dir / "reward", ["reward"])
+        return {
+            "id": "bench",
+            "path": str(path),
+            "kind": "reward",
+            "dtype": "float32",
+            "max_model_len": 256,
+            "engine_args": {"enforce_eager": True},
+        }
+    from server.cli import default_models
+    from server.default_model import prepare_default_model
+
+    spec = default_models(prepare_default_model())[0]
+    return {**spec, "id": "bench"}
