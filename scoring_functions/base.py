@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -259,8 +260,28 @@ def validate_params(
     prefix: tuple[str, ...] = ("scoring_function", "params"),
 ) -> BaseModel:
     """Validate params; InvalidRequestError names the first invalid parameter."""
+    check_finite_numbers(params, prefix)
     try:
         return params_model.model_validate(params)
     except ValidationError as error:
         param, message = describe_validation_errors(error.errors(), prefix=prefix)
         raise InvalidRequestError(message, param=param) from error
+
+
+def check_finite_numbers(value: Any, location: tuple[str, ...]) -> None:
+    """Raise InvalidRequestError for a NaN or infinite number anywhere in ``value``.
+
+    Python's JSON parser accepts ``NaN`` and ``Infinity``, and pydantic's float
+    fields accept them too, but no parameter has a use for them.
+    """
+    if isinstance(value, float) and not math.isfinite(value):
+        param = ".".join(location)
+        raise InvalidRequestError(
+            f"{param}: must be a finite number, got {value}", param=param
+        )
+    if isinstance(value, dict):
+        for key, item in value.items():
+            check_finite_numbers(item, (*location, str(key)))
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            check_finite_numbers(item, (*location, str(index)))

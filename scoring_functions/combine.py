@@ -21,6 +21,10 @@ from server.errors import InvalidRequestError, NotFoundError
 logger = logging.getLogger(__name__)
 
 
+# Keeps weighted sums of ordinary scores far from float overflow.
+MAX_WEIGHT = 1e6
+
+
 class Component(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -28,7 +32,12 @@ class Component(BaseModel):
     params: dict[str, Any] = Field(
         default_factory=dict, description="The function's own params."
     )
-    weight: float = Field(1.0, description="Multiplies the function's score.")
+    weight: float = Field(
+        1.0,
+        ge=-MAX_WEIGHT,
+        le=MAX_WEIGHT,
+        description="Multiplies the function's score.",
+    )
 
 
 class WeightedSumParams(BaseModel):

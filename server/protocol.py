@@ -56,7 +56,7 @@ class Message(BaseModel):
 class Options(BaseModel):
     """Per-request options."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     logprobs: bool = Field(
         False,

@@ -5,6 +5,7 @@ Each engine call returns preset values, so the expected scores follow by hand.
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from pathlib import Path
@@ -1007,3 +1008,61 @@ def test_plugin_functions_score_over_http(installed_plugin, tokenizer_dir):
         assert_invalid(bad, "scoring_function.params.unit")
     finally:
         client.__exit__(None, None, None)
+
+
+def post_allowing_nan(client, body: dict):
+    """POST with NaN and Infinity written as Python's JSON encoder writes them."""
+    return client.post(
+        "/reward_model_scoring/",
+        content=json.dumps(body),
+        headers={"content-type": "application/json"},
+    )
+
+
+@pytest.mark.parametrize(
+    ("model", "name", "params", "param"),
+    [
+        pytest.param("rm", "raw", {"shift": math.inf}, "shift", id="raw-shift-inf"),
+        pytest.param("rm", "raw", {"scale": math.nan}, "scale", id="raw-scale-nan"),
+        pytest.param(
+            "lm",
+            "exact_match",
+            {"reference": "Paris", "mismatch_logprob": -math.inf},
+            "mismatch_logprob",
+            id="rule-mismatch-logprob-inf",
+        ),
+        pytest.param(
+            "lm",
+            "weighted_sum",
+            {"functions": [{"name": "response_logprob", "weight": math.inf}]},
+            "functions.0.weight",
+            id="weighted-sum-weight-inf",
+        ),
+    ],
+)
+def test_non_finite_params_rejected(client, model, name, params, param):
+    body = {
+        "reward_model": model,
+        "prompt_with_response": conversation("Paris"),
+        "scoring_function": {"name": name, "params": params},
+    }
+    response = post_allowing_nan(client, body)
+    assert_invalid(response, f"scoring_function.params.{param}", "finite")
+
+
+def test_weighted_sum_weight_bounded(client):
+    functions = [{"name": "response_logprob", "weight": 1e308}]
+    response = post(
+        client, "lm", conversation("Paris"), "weighted_sum", functions=functions
+    )
+    assert_invalid(response, "scoring_function.params.functions.0.weight")
+
+
+def test_non_finite_option_rejected(client):
+    body = {
+        "reward_model": "lm",
+        "prompt_with_response": conversation("Paris"),
+        "options": {"temperature": math.nan},
+    }
+    response = post_allowing_nan(client, body)
+    assert_invalid(response, "options.temperature")
