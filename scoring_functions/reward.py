@@ -46,12 +46,15 @@ class RawParams(BaseModel):
     label: str | int | None = Field(None, description=LABEL_DESCRIPTION)
     shift: float = Field(
         0.0,
+        ge=-1e6,
+        le=1e6,
         description="Subtracted from the head output, for example the mean reward "
         "on a reference set.",
     )
     scale: float = Field(
         1.0,
-        gt=0.0,
+        ge=1e-6,
+        le=1e6,
         description="Divides the shifted output, for example the standard deviation "
         "of the reward on a reference set.",
     )

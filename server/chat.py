@@ -11,6 +11,7 @@ template did not, and a repeated leading BOS is dropped.
 from __future__ import annotations
 
 import logging
+import uuid
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -67,11 +68,15 @@ class ConversationRenderer:
     def _render(self, messages: list[dict[str, Any]]) -> tuple[str, int, int]:
         """Return the rendered text and the response's character span in it."""
         response = messages[-1]["content"]
-        marked_text = self._apply_template(messages[:-1], RESPONSE_MARKER, messages[-1])
+        marker = RESPONSE_MARKER
+        while any(marker in message["content"] for message in messages):
+            # The conversation quotes the marker, so pick one it does not contain.
+            marker = f"{RESPONSE_MARKER}{uuid.uuid4().hex}"
+        marked_text = self._apply_template(messages[:-1], marker, messages[-1])
         text = self._apply_template(messages[:-1], response, messages[-1])
-        position = marked_text.find(RESPONSE_MARKER)
+        position = marked_text.find(marker)
         prefix = marked_text[:position]
-        suffix = marked_text[position + len(RESPONSE_MARKER) :]
+        suffix = marked_text[position + len(marker) :]
         if (
             position < 0
             or not text.startswith(prefix)

@@ -192,19 +192,57 @@ async def _handle_http_error(request: Request, error: StarletteHTTPException):
     return error_response(error.status_code, _status_type(error.status_code), message)
 
 
-async def _handle_unexpected_error(request: Request, error: Exception):
+def _unexpected_error_response(method: str, path: str, error: Exception):
     # Imported here so that the module loads without vLLM installed.
     from vllm.v1.engine.exceptions import EngineDeadError
 
     if isinstance(error, EngineDeadError):
-        logger.error("%s %s failed: engine is dead", request.method, request.url.path)
+        logger.error("%s %s failed: engine is dead", method, path)
         return error_response(
             503,
             "service_unavailable",
             "the model engine stopped; restart the server",
         )
-    logger.exception("%s %s failed", request.method, request.url.path)
+    logger.error("%s %s failed", method, path, exc_info=error)
     return error_response(500, "internal_error", "internal server error")
+
+
+async def _handle_unexpected_error(request: Request, error: Exception):
+    return _unexpected_error_response(request.method, request.url.path, error)
+
+
+class UnexpectedErrorMiddleware:
+    """Turn an unexpected exception into the 500 (or dead-engine 503) envelope.
+
+    Starlette's own handler for ``Exception`` sends the response and then
+    re-raises, which makes uvicorn close the keep-alive connection, so the
+    client's next request on it fails. Catching here keeps the connection.
+    """
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        response_started = False
+
+        async def send_and_track(message: dict) -> None:
+            nonlocal response_started
+            if message["type"] == "http.response.start":
+                response_started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_track)
+        except Exception as error:
+            if response_started:
+                raise
+            response = _unexpected_error_response(
+                scope.get("method", ""), scope.get("path", ""), error
+            )
+            await response(scope, receive, send)
 
 
 def register_error_handlers(app: FastAPI) -> None:
@@ -212,4 +250,6 @@ def register_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(ServiceError, _handle_service_error)
     app.add_exception_handler(RequestValidationError, _handle_validation_error)
     app.add_exception_handler(StarletteHTTPException, _handle_http_error)
+    app.add_middleware(UnexpectedErrorMiddleware)
+    # Errors raised outside the middleware stack still get the envelope.
     app.add_exception_handler(Exception, _handle_unexpected_error)

@@ -8,11 +8,27 @@ in their descriptions.
 from __future__ import annotations
 
 import logging
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool
 
 logger = logging.getLogger(__name__)
+
+
+def check_encodable(text: str) -> str:
+    """Reject text that cannot be UTF-8 encoded, such as a lone surrogate."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise ValueError(
+            f"contains an unpaired surrogate ({text[error.start]!r} at character "
+            f"{error.start}); send valid Unicode text"
+        ) from error
+    return text
+
+
+# Message text that the tokenizer can encode.
+Text = Annotated[str, AfterValidator(check_encodable)]
 
 
 class TextPart(BaseModel):
@@ -21,7 +37,7 @@ class TextPart(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class Message(BaseModel):
@@ -30,7 +46,7 @@ class Message(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     role: Literal["system", "user", "assistant", "tool"]
-    content: str | list[TextPart] = Field(
+    content: Text | list[TextPart] = Field(
         description="Text, or a list of text parts that are joined with newlines."
     )
     name: str | None = None
@@ -58,7 +74,7 @@ class Options(BaseModel):
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    logprobs: bool = Field(
+    logprobs: StrictBool = Field(
         False,
         description="Generative models: also return `token_logprobs`, the "
         "log-probability of each response token. Reward models return no extra "
@@ -82,7 +98,7 @@ class Options(BaseModel):
         "`left` drops the oldest prompt tokens and keeps the whole response, "
         "`error` rejects it with 400. Default: the model's configured policy.",
     )
-    return_token_ids: bool = Field(
+    return_token_ids: StrictBool = Field(
         False,
         description="Extension. Return the token ids sent to the engine and where "
         "the response starts in them.",

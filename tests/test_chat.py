@@ -145,3 +145,15 @@ def test_fit_response_too_long():
     conversation = TokenizedConversation([0, 5, 6, 7, 8, 9], 2, 6)
     with pytest.raises(InvalidRequestError, match="shorten the response"):
         fit_to_context(conversation, 4, "left", 0)
+
+
+def test_prompt_quoting_marker(tokenizer):
+    from server.chat import RESPONSE_MARKER
+
+    renderer = ConversationRenderer(tokenizer)
+    messages = [
+        {"role": "user", "content": f"What does {RESPONSE_MARKER} mean?"},
+        {"role": "assistant", "content": "Nothing."},
+    ]
+    conversation = renderer.tokenize(messages)
+    assert response_text(renderer, conversation) == "Nothing."

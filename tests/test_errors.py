@@ -274,3 +274,37 @@ def test_openapi_keeps_spec_names(client):
     names = set(schema["components"]["schemas"])
     assert {"Message", "Options", "ScoringFunction"} <= names
     assert "ErrorResponse" in names
+
+
+def test_lone_surrogate_is_invalid(client):
+    raw = (
+        b'{"reward_model": "rm", "prompt_with_response": ['
+        b'{"role": "user", "content": "q"},'
+        b'{"role": "assistant", "content": "\\ud800"}]}'
+    )
+    response = client.post(
+        "/reward_model_scoring/",
+        content=raw,
+        headers={"content-type": "application/json"},
+    )
+    error = assert_error(
+        response, 400, "invalid_request_error", "prompt_with_response.1.content"
+    )
+    assert "surrogate" in error["message"]
+
+
+def test_string_for_boolean_option(client):
+    body = {
+        "reward_model": "lm",
+        "prompt_with_response": ANSWER,
+        "options": {"logprobs": "yes"},
+    }
+    assert_error(post(client, body), 400, "invalid_request_error", "options.logprobs")
+
+
+def test_connection_survives_internal_error(tokenizer_dir):
+    with make_client(tokenizer_dir, fail_with=RuntimeError("boom")) as client:
+        wait_ready(client)
+        body = {"reward_model": "rm", "prompt_with_response": ANSWER}
+        assert post(client, body).status_code == 500
+        assert client.get("/v1/models").status_code == 200

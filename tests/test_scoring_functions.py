@@ -203,7 +203,7 @@ def test_raw_without_params_unchanged(client):
 
 def test_raw_rejects_zero_scale(client):
     response = post(client, "rm", conversation("Paris"), "raw", scale=0)
-    assert_invalid(response, "scoring_function.params.scale", "greater than 0")
+    assert_invalid(response, "scoring_function.params.scale", "greater than or equal to 0.000001")
 
 
 def test_label_probability_softmax(client):
@@ -818,7 +818,7 @@ def test_list_scoring_functions(client):
     raw = cards["builtin::raw"]
     assert raw["model_kinds"] == ["reward"]
     assert raw["parameters"]["properties"]["shift"]["default"] == 0.0
-    assert raw["parameters"]["properties"]["scale"]["exclusiveMinimum"] == 0.0
+    assert raw["parameters"]["properties"]["scale"]["minimum"] == 1e-6
     assert raw["parameters"]["additionalProperties"] is False
     judge = cards["builtin::llm_judge"]["parameters"]
     assert judge["properties"]["method"]["enum"] == ["yes_no", "rating"]
