@@ -21,6 +21,8 @@ from server.errors import InvalidRequestError, NotFoundError
 logger = logging.getLogger(__name__)
 
 
+# Bounds the engine calls that one request can make.
+MAX_PARTS = 16
 # Keeps weighted sums of ordinary scores far from float overflow.
 MAX_WEIGHT = 1e6
 
@@ -44,7 +46,9 @@ class WeightedSumParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     functions: list[Component] = Field(
-        min_length=1, description="The functions to combine, with their weights."
+        min_length=1,
+        max_length=MAX_PARTS,
+        description="The functions to combine, with their weights.",
     )
 
 
@@ -113,6 +117,14 @@ class WeightedSum(ScoringFunction):
                 error.message.replace("scoring_function.name", f"{param}.name"),
                 param=f"{param}.name",
             ) from error
+        if function.name == self.name:
+            # Nesting multiplies the engine calls past MAX_PARTS and adds
+            # nothing that weights on one level cannot express.
+            raise InvalidRequestError(
+                f"{param}.name: weighted_sum cannot contain weighted_sum; list the "
+                f"inner functions with multiplied weights instead",
+                param=f"{param}.name",
+            )
         model = context.model
         if model.kind not in function.model_kinds:
             kinds = " or ".join(sorted(kind.value for kind in function.model_kinds))

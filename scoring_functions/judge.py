@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import string
 from typing import Literal
 
 import regex
@@ -17,7 +16,11 @@ from scoring_functions.base import (
     UnparseableOutputError,
 )
 from scoring_functions.numeric import log_sigmoid, sigmoid
-from server.chat import ConversationRenderer, TokenizedConversation
+from server.chat import (
+    ConversationRenderer,
+    TokenizedConversation,
+    check_prompt_template,
+)
 from server.config import DEFAULT_JUDGE_TEMPLATE, ModelKind
 from server.errors import InvalidRequestError
 
@@ -46,17 +49,7 @@ QUOTED_OUTPUT_CHARS = 200
 
 def check_judge_template(template: str) -> str:
     """Check a judge template: {response} once, {conversation} any number of times."""
-    try:
-        fields = [field for _, field, _, _ in string.Formatter().parse(template)]
-        template.format(conversation="", response="")
-    except (KeyError, IndexError, ValueError) as error:
-        raise ValueError(
-            "the template may only use the {conversation} and {response} "
-            f"placeholders; write literal braces as {{{{ and }}}}: {error!r}"
-        ) from error
-    if fields.count("response") != 1:
-        raise ValueError("the template must contain the {response} placeholder once")
-    return template
+    return check_prompt_template(template)
 
 
 class LlmJudgeParams(BaseModel):
@@ -86,8 +79,12 @@ class LlmJudgeParams(BaseModel):
         description="rating: regular expression whose first group captures the "
         "rating as a number; the first match in the output counts.",
     )
-    min_rating: float = Field(1.0, description="rating: the lowest rating, score 0.")
-    max_rating: float = Field(10.0, description="rating: the highest rating, score 1.")
+    min_rating: float = Field(
+        1.0, ge=-1e6, le=1e6, description="rating: the lowest rating, score 0."
+    )
+    max_rating: float = Field(
+        10.0, ge=-1e6, le=1e6, description="rating: the highest rating, score 1."
+    )
 
     @field_validator("template")
     @classmethod
@@ -152,17 +149,25 @@ def render_judge_prompt(
             f'shorten the conversation or send options.truncation="left"',
             param="prompt_with_response",
         )
-    judged = full
-    for first in range(1, len(messages)):
-        judged = renderer.tokenize(messages[first:])
-        if len(judged.token_ids) <= limit:
-            dropped = len(full.token_ids) - len(judged.token_ids)
-            return TokenizedConversation(
-                judged.token_ids,
-                judged.response_start,
-                judged.response_end,
-                truncated_tokens=dropped,
-            )
+    # Dropping more messages never lengthens the prompt, so a binary search
+    # finds the fewest dropped messages in O(log n) renderings.
+    fitting = None
+    low, high = 1, len(messages) - 1
+    while low <= high:
+        middle = (low + high) // 2
+        candidate = renderer.tokenize(messages[middle:])
+        if len(candidate.token_ids) <= limit:
+            fitting, high = candidate, middle - 1
+        else:
+            low = middle + 1
+    if fitting is not None:
+        return TokenizedConversation(
+            fitting.token_ids,
+            fitting.response_start,
+            fitting.response_end,
+            truncated_tokens=len(full.token_ids) - len(fitting.token_ids),
+        )
+    judged = renderer.tokenize(messages[-1:])
     raise InvalidRequestError(
         f"prompt_with_response: the judge prompt with the response alone has "
         f"{len(judged.token_ids)} tokens, more than the {limit} that fit in the "

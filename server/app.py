@@ -26,6 +26,7 @@ from server.errors import (
     error_response,
     register_error_handlers,
 )
+from server.limits import BodySizeLimitMiddleware
 from server.protocol import (
     ModelCard,
     ModelList,
@@ -38,11 +39,14 @@ from server.serving import ScoringService
 
 logger = logging.getLogger(__name__)
 
+SCORING_PATH = "/reward_model_scoring/"
+
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorResponse, "description": description}
     for status, description in [
         (400, "Invalid request; `error.param` names the field."),
         (404, "Unknown model, scoring function or job."),
+        (413, "The request body is larger than max_request_bytes."),
         (500, "Model output or server error."),
         (503, "Engines are starting or stopped."),
     ]
@@ -140,15 +144,23 @@ def create_app(
     app.state.config = config
     app.state.job_manager = job_manager
     register_error_handlers(app)
+    app.add_middleware(
+        BodySizeLimitMiddleware,
+        paths={SCORING_PATH, SCORING_PATH.rstrip("/")},
+        max_bytes=config.max_request_bytes,
+    )
     app.include_router(jobs_router)
 
     @app.post(
-        "/reward_model_scoring/",
+        SCORING_PATH,
         response_model=RewardModelScoringResponse,
         response_model_exclude_none=True,
         responses=ERROR_RESPONSES,
         summary="Score a prompt-response pair using a reward model",
     )
+    # Clients that drop the trailing slash would otherwise get a redirect,
+    # which many HTTP clients do not follow for POST.
+    @app.post(SCORING_PATH.rstrip("/"), include_in_schema=False)
     async def score_conversation(request: Request, body: RewardModelScoringRequest):
         response = await cancel_on_disconnect(request, service.score(body))
         if response is None:

@@ -11,6 +11,7 @@ template did not, and a repeated leading BOS is dropped.
 from __future__ import annotations
 
 import logging
+import string
 import uuid
 from dataclasses import dataclass, replace
 from typing import Any
@@ -158,6 +159,39 @@ class ConversationRenderer:
             response_start -= 1
             response_end -= 1
         return TokenizedConversation(token_ids, response_start, response_end)
+
+
+TEMPLATE_FIELDS = ("conversation", "response")
+
+
+def check_prompt_template(template: str) -> str:
+    """Return a judge prompt template, or raise ValueError naming the problem.
+
+    Placeholders are exactly ``{conversation}`` (any number of times) and
+    ``{response}`` (once), without format specs, conversions or attribute
+    access: ``{response:>300000000}`` would let a request allocate gigabytes.
+    """
+    try:
+        fields = list(string.Formatter().parse(template))
+    except ValueError as error:
+        raise ValueError(
+            f"invalid template ({error}); write literal braces as {{{{ and }}}}"
+        ) from error
+    names = []
+    for _, name, format_spec, conversion in fields:
+        if name is None:
+            continue
+        if name not in TEMPLATE_FIELDS or format_spec or conversion:
+            raise ValueError(
+                f"invalid placeholder {{{name}{'!' + conversion if conversion else ''}"
+                f"{':' + format_spec if format_spec else ''}}}; the template may only "
+                f"use the {{conversation}} and {{response}} placeholders, and "
+                f"literal braces are written {{{{ and }}}}"
+            )
+        names.append(name)
+    if names.count("response") != 1:
+        raise ValueError("the template must contain the {response} placeholder once")
+    return template
 
 
 def format_transcript(messages: list[dict[str, Any]]) -> str:

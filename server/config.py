@@ -105,16 +105,9 @@ class ModelConfig(BaseModel):
     @field_validator("judge_template")
     @classmethod
     def _check_judge_template(cls, template: str | None) -> str | None:
-        if template is None:
-            return None
-        try:
-            template.format(conversation="", response="")
-        except (KeyError, IndexError, ValueError) as error:
-            raise ValueError(
-                "judge_template may only use the {conversation} and {response} "
-                f"placeholders; literal braces are written {{{{ and }}}}: {error!r}"
-            ) from error
-        return template
+        from server.chat import check_prompt_template
+
+        return None if template is None else check_prompt_template(template)
 
     @model_validator(mode="after")
     def _check_kind_options(self) -> ModelConfig:
@@ -205,6 +198,12 @@ class ServerConfig(BaseModel):
     host: str = Field("127.0.0.1", description="Address to listen on.")
     port: int = Field(8000, ge=0, le=65535, description="TCP port to listen on.")
     models: list[ModelConfig] = Field(min_length=1)
+    max_request_bytes: int = Field(
+        4 * 1024 * 1024,
+        ge=1024,
+        description="Largest body in bytes that POST /reward_model_scoring/ "
+        "accepts; larger ones get 413.",
+    )
     scoring_function_modules: list[str] = Field(
         default_factory=list,
         description="Third-party scoring functions to register, each as "

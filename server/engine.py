@@ -193,16 +193,10 @@ class ModelEngine:
     ) -> list[float]:
         """Return the raw head outputs (no activation) for the whole sequence."""
         from vllm import PoolingParams
-        from vllm.inputs import TokensPrompt
 
         params = PoolingParams(task="classify", use_activation=False)
-        output = await final_output(
-            self.engine.encode(
-                TokensPrompt(prompt_token_ids=token_ids),
-                params,
-                request_id,
-                priority=priority,
-            )
+        output = await self._run(
+            self.engine.encode, token_ids, params, request_id, priority
         )
         values = [float(value) for value in output.outputs.data.flatten().tolist()]
         self._check_finite(values, request_id)
@@ -213,16 +207,10 @@ class ModelEngine:
     ) -> list[float | None]:
         """Return log P(token i | tokens before i) for each i; None for i = 0."""
         from vllm import SamplingParams
-        from vllm.inputs import TokensPrompt
 
         params = SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False)
-        output = await final_output(
-            self.engine.generate(
-                TokensPrompt(prompt_token_ids=token_ids),
-                params,
-                request_id,
-                priority=priority,
-            )
+        output = await self._run(
+            self.engine.generate, token_ids, params, request_id, priority
         )
         values: list[float | None] = [None]
         for token_id, entry in zip(
@@ -240,15 +228,9 @@ class ModelEngine:
         priority: int = 0,
     ) -> Any:
         """Run a generation request and return vLLM's final ``RequestOutput``."""
-        from vllm.inputs import TokensPrompt
 
-        return await final_output(
-            self.engine.generate(
-                TokensPrompt(prompt_token_ids=token_ids),
-                sampling_params,
-                request_id,
-                priority=priority,
-            )
+        return await self._run(
+            self.engine.generate, token_ids, sampling_params, request_id, priority
         )
 
     async def classify_tokens(
@@ -265,18 +247,12 @@ class ModelEngine:
         positions of that token in order.
         """
         from vllm import PoolingParams
-        from vllm.inputs import TokensPrompt
 
         params = PoolingParams(
             task="token_classify", use_activation=False, step_tag_id=step_tag_id
         )
-        output = await final_output(
-            self.engine.encode(
-                TokensPrompt(prompt_token_ids=token_ids),
-                params,
-                request_id,
-                priority=priority,
-            )
+        output = await self._run(
+            self.engine.encode, token_ids, params, request_id, priority
         )
         data = output.outputs.data
         width = int(data.shape[-1]) if data.dim() > 1 else 1
@@ -342,6 +318,29 @@ class ModelEngine:
         self._check_finite(logprobs, request_id)
         return Generation(
             completion.text, generated, logprobs, completion.finish_reason
+        )
+
+    async def _run(
+        self,
+        submit: Any,
+        token_ids: list[int],
+        params: Any,
+        request_id: str,
+        priority: int,
+    ) -> Any:
+        """Submit token ids through ``engine.encode`` or ``engine.generate``.
+
+        Returns the request's final output.
+        """
+        from vllm.inputs import TokensPrompt
+
+        return await final_output(
+            submit(
+                TokensPrompt(prompt_token_ids=token_ids),
+                params,
+                request_id,
+                priority=priority,
+            )
         )
 
     def _check_finite(self, values: list[float], request_id: str) -> None:

@@ -157,3 +157,30 @@ def test_prompt_quoting_marker(tokenizer):
     ]
     conversation = renderer.tokenize(messages)
     assert response_text(renderer, conversation) == "Nothing."
+
+
+@pytest.mark.parametrize(
+    "template",
+    [
+        pytest.param("{response:>300000000}", id="format-spec"),
+        pytest.param("{response!r}", id="conversion"),
+        pytest.param("{conversation.__class__}{response}", id="attribute"),
+        pytest.param("{conversation[0]}{response}", id="index"),
+        pytest.param("{answer}{response}", id="unknown-name"),
+        pytest.param("{conversation}", id="no-response"),
+        pytest.param("{response}{response}", id="two-responses"),
+        pytest.param("{response", id="unclosed"),
+    ],
+)
+def test_prompt_template_rejected(template):
+    from server.chat import check_prompt_template
+
+    with pytest.raises(ValueError, match="template"):
+        check_prompt_template(template)
+
+
+def test_prompt_template_accepted():
+    from server.chat import check_prompt_template
+
+    template = "{conversation}\n{{literal}}\n{response}\n{conversation}"
+    assert check_prompt_template(template) == template

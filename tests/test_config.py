@@ -129,3 +129,25 @@ def test_engine_args_per_kind():
     assert generative["runner"] == "generate"
     assert "max_model_len" not in generative
     assert generative["scheduling_policy"] == "priority"
+
+
+def test_judge_template_needs_response():
+    model = {
+        "id": "rm",
+        "path": "/m",
+        "kind": "reward",
+        "judge_template": "{conversation}",
+    }
+    with pytest.raises(ValidationError, match="response"):
+        ServerConfig(models=[model])
+
+
+def test_judge_template_rejects_format_spec():
+    model = {
+        "id": "rm",
+        "path": "/m",
+        "kind": "reward",
+        "judge_template": "{conversation}{response:>99999999}",
+    }
+    with pytest.raises(ValidationError, match="invalid placeholder"):
+        ServerConfig(models=[model])

@@ -31,7 +31,8 @@ def make_client(tokenizer_dir: Path, **overrides) -> TestClient:
         models=[
             {"id": "rm", "path": str(tokenizer_dir), "kind": "reward"},
             {"id": "lm", "path": str(tokenizer_dir), "kind": "generative"},
-        ]
+        ],
+        max_request_bytes=64 * 1024,
     )
     app = create_app(config, engine_factory=fake_factory(**overrides))
     # Server errors must come back as 500 responses, as a real client sees them.
@@ -308,3 +309,32 @@ def test_connection_survives_internal_error(tokenizer_dir):
         body = {"reward_model": "rm", "prompt_with_response": ANSWER}
         assert post(client, body).status_code == 500
         assert client.get("/v1/models").status_code == 200
+
+
+def test_oversized_body_is_413(client):
+    body = {
+        "reward_model": "rm",
+        "prompt_with_response": [
+            {"role": "user", "content": "x" * 70_000},
+            {"role": "assistant", "content": "Paris"},
+        ],
+    }
+    error = assert_error(post(client, body), 413, "request_too_large", None)
+    assert "65536" in error["message"]
+
+
+def test_oversized_chunked_body_is_413(client):
+    chunks = [b'{"reward_model": "rm", "x": "'] + [b"y" * 8192] * 10 + [b'"}']
+    response = client.post(
+        "/reward_model_scoring/",
+        content=iter(chunks),
+        headers={"content-type": "application/json"},
+    )
+    assert_error(response, 413, "request_too_large", None)
+
+
+def test_path_without_trailing_slash(client):
+    body = {"reward_model": "rm", "prompt_with_response": ANSWER}
+    response = client.post("/reward_model_scoring", json=body)
+    assert response.status_code == 200, response.text
+    assert response.json()["score"] == 1.5

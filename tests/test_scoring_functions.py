@@ -203,7 +203,9 @@ def test_raw_without_params_unchanged(client):
 
 def test_raw_rejects_zero_scale(client):
     response = post(client, "rm", conversation("Paris"), "raw", scale=0)
-    assert_invalid(response, "scoring_function.params.scale", "greater than or equal to 0.000001")
+    assert_invalid(
+        response, "scoring_function.params.scale", "greater than or equal to 0.000001"
+    )
 
 
 def test_label_probability_softmax(client):
@@ -1066,3 +1068,32 @@ def test_non_finite_option_rejected(client):
     }
     response = post_allowing_nan(client, body)
     assert_invalid(response, "options.temperature")
+
+
+def test_weighted_sum_rejects_nesting(client):
+    functions = [{"name": "weighted_sum", "params": {"functions": [{"name": "raw"}]}}]
+    response = post(
+        client, "rm", conversation("Paris"), "weighted_sum", functions=functions
+    )
+    assert_invalid(
+        response, "scoring_function.params.functions.0.name", "cannot contain"
+    )
+
+
+def test_weighted_sum_limits_parts(client):
+    functions = [{"name": "raw"}] * 17
+    response = post(
+        client, "rm", conversation("Paris"), "weighted_sum", functions=functions
+    )
+    assert_invalid(response, "scoring_function.params.functions", "at most 16")
+
+
+def test_judge_rejects_format_spec(client):
+    response = post(
+        client,
+        "lm",
+        conversation("Paris"),
+        "llm_judge",
+        template="{response:>300000000}",
+    )
+    assert_invalid(response, "scoring_function.params.template", "invalid placeholder")
