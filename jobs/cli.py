@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--params",
         type=json_object,
         default={},
-        help="Scoring function params, as a JSON object.",
+        help="Scoring function params, as a JSON object; needs --scoring-function.",
     )
     parser.add_argument(
         "--options",
@@ -271,6 +271,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if (args.input is None) == (args.resume is None):
         parser.error("give either INPUT or --resume JOB_ID")
+    if args.params and args.scoring_function is None:
+        parser.error("--params needs --scoring-function to name the function")
     logging.basicConfig(
         level=args.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
