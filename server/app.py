@@ -66,7 +66,7 @@ async def start_engine(model: ModelEngine) -> None:
         logger.exception("model %s: engine failed to start", model.id)
 
 
-# Status that nginx uses for a request whose client went away; nobody reads it.
+# Status that nginx logs for a request whose client went away; it is never sent.
 CLIENT_CLOSED_REQUEST = 499
 
 

@@ -23,7 +23,7 @@ logger = logging.getLogger(__name__)
 
 
 class OrjsonResponse(JSONResponse):
-    """JSON response serialized with orjson, which is several times faster."""
+    """JSON response serialized with orjson instead of the standard library."""
 
     def render(self, content: Any) -> bytes:
         return orjson.dumps(content)
@@ -73,7 +73,7 @@ class ModelOutputError(ServiceError):
 
 
 class ErrorDetail(BaseModel):
-    """What failed, on which request field, and what to do next."""
+    """Error message, error class, offending request field and HTTP status."""
 
     message: str
     type: str = Field(description="Error class, such as `invalid_request_error`.")

@@ -11,7 +11,7 @@ logger = logging.getLogger(__name__)
 
 
 class BodySizeLimitMiddleware:
-    """Answer 413 when a POST body to ``paths`` exceeds ``max_bytes``.
+    """Respond with 413 when a POST body to ``paths`` exceeds ``max_bytes``.
 
     Rendering and tokenizing run on the event loop, so one huge conversation
     would stall every other request; the limit bounds that work. Bodies with a
