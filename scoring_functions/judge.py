@@ -80,10 +80,10 @@ class LlmJudgeParams(BaseModel):
         "rating as a number; the first match in the output counts.",
     )
     min_rating: float = Field(
-        1.0, ge=-1e6, le=1e6, description="rating: the lowest rating, score 0."
+        1.0, ge=-1e12, le=1e12, description="rating: the lowest rating, score 0."
     )
     max_rating: float = Field(
-        10.0, ge=-1e6, le=1e6, description="rating: the highest rating, score 1."
+        10.0, ge=-1e12, le=1e12, description="rating: the highest rating, score 1."
     )
 
     @field_validator("template")
