@@ -23,7 +23,11 @@ from pydantic import ValidationError
 from jobs.manager import Job, JobManager, describe
 from jobs.protocol import JobStatus, Path, PathType, SubmitJobRequest
 from jobs.store import JobFiles, JobRecord
-from server.cli import load_server_config, parse_model_spec
+from server.cli import (
+    add_log_level_argument,
+    load_server_config,
+    parse_model_spec,
+)
 from server.config import ModelConfig, ServerConfig
 from server.errors import ServiceError
 
@@ -104,12 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
         "of the settings (data/jobs). A job that a running server holds is "
         "not run here.",
     )
-    parser.add_argument(
-        "--log-level",
-        default="warning",
-        choices=["debug", "info", "warning", "error"],
-        help="Log level of the service's own loggers.",
-    )
+    add_log_level_argument(parser, default="warning")
     return parser
 
 

@@ -84,13 +84,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--host", help="Address to listen on (default 127.0.0.1).")
     parser.add_argument("--port", type=int, help="TCP port (default 8000).")
+    add_log_level_argument(parser, default="info")
+    return parser
+
+
+def add_log_level_argument(parser: argparse.ArgumentParser, default: str) -> None:
+    """Add ``--log-level``, which sets the level of the service's own loggers."""
     parser.add_argument(
         "--log-level",
-        default="info",
+        default=default,
         choices=["debug", "info", "warning", "error"],
-        help="Log level of the server's own loggers.",
+        help=f"Log level of the service's own loggers (default {default}).",
     )
-    return parser
 
 
 def load_server_config(args: argparse.Namespace) -> ServerConfig:
