@@ -230,6 +230,20 @@ class ScoringFunction(ABC):
     async def compute(self, context: ScoringContext, params: BaseModel) -> ScoreResult:
         """Score ``context.conversation`` and return the result."""
 
+    def check_model_kind(self, model: ModelEngine, param: str) -> None:
+        """Raise InvalidRequestError unless ``model`` is of a kind this function uses.
+
+        The error names ``param``.
+        """
+        if model.kind in self.model_kinds:
+            return
+        kinds = " or ".join(sorted(kind.value for kind in self.model_kinds))
+        raise InvalidRequestError(
+            f"{param}: {self.name} needs a {kinds} model, but {model.id} is a "
+            f"{model.kind.value} model",
+            param=param,
+        )
+
     def model_defaults(self, scoring_params: dict[str, dict[str, Any]]) -> dict:
         """Return this function's entry of a model's ``scoring_params``."""
         return scoring_params.get(self.name) or scoring_params.get(self.short_name, {})

@@ -125,14 +125,7 @@ class WeightedSum(ScoringFunction):
                 f"inner functions with multiplied weights instead",
                 param=f"{param}.name",
             )
-        model = context.model
-        if model.kind not in function.model_kinds:
-            kinds = " or ".join(sorted(kind.value for kind in function.model_kinds))
-            raise InvalidRequestError(
-                f"{param}.name: {function.name} needs a {kinds} model, but "
-                f"{model.id} is a {model.kind.value} model",
-                param=f"{param}.name",
-            )
+        function.check_model_kind(context.model, f"{param}.name")
         function_params = validate_params(
             function.Params,
             component.params,

@@ -75,13 +75,7 @@ class ScoringService:
         function = self.registry.get(
             spec.name if spec else DEFAULT_FUNCTIONS[model.kind]
         )
-        if model.kind not in function.model_kinds:
-            kinds = " or ".join(sorted(kind.value for kind in function.model_kinds))
-            raise InvalidRequestError(
-                f"scoring_function.name: {function.name} needs a {kinds} model, but "
-                f"{model.id} is a {model.kind.value} model",
-                param="scoring_function.name",
-            )
+        function.check_model_kind(model, "scoring_function.name")
         defaults = function.model_defaults(model.config.scoring_params)
         params = {**defaults, **(spec.params if spec else {})}
         return function, validate_params(function.Params, params)
