@@ -264,7 +264,7 @@ class JobManager:
         if lock is None:
             job.run_elsewhere = True
             logger.warning(
-                "job %s: skipped, because another process holds its lock %s",
+                "job %s: skipped, because another process has locked %s",
                 job.job_id,
                 job.files.lock,
             )

@@ -69,10 +69,10 @@ class LlmJudgeParams(BaseModel):
         "yes/no question or rating request.",
     )
     yes_token: str = Field(
-        "Yes", min_length=1, description="yes_no: the answer token meaning yes."
+        "Yes", min_length=1, description="yes_no: the token that means yes."
     )
     no_token: str = Field(
-        "No", min_length=1, description="yes_no: the answer token meaning no."
+        "No", min_length=1, description="yes_no: the token that means no."
     )
     pattern: str = Field(
         DEFAULT_RATING_PATTERN,

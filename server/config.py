@@ -24,7 +24,7 @@ DEFAULT_JUDGE_TEMPLATE = (
 
 
 class ModelKind(enum.StrEnum):
-    """How a served model turns a conversation into numbers."""
+    """Kind of served model, which decides the vLLM runner and the scores."""
 
     # Pooling runner, classify task: one or more logits from a sequence head.
     REWARD = "reward"

@@ -112,7 +112,7 @@ class Options(BaseModel):
 
 
 class ScoringFunction(BaseModel):
-    """Which scoring function turns the engine output into a score."""
+    """Name and params of the function that turns engine output into a score."""
 
     model_config = ConfigDict(extra="forbid")
 
