@@ -508,7 +508,9 @@ def test_job_waits_for_model_to_start(tokenizer_dir, tmp_path):
 def test_job_resumes_after_restart(tokenizer_dir, tmp_path):
     lines = [job_line(f"c{i}") for i in range(60)]
     lines.insert(30, "{bad")
-    with make_client(tokenizer_dir, tmp_path, delay_s=0.05) as client:
+    # 0.2 s per line, 4 at a time: the job needs 3 s, so the app stops it
+    # long before it finishes.
+    with make_client(tokenizer_dir, tmp_path, delay_s=0.2) as client:
         wait_ready(client)
         job_id = submit(client, raw_input(lines))["job_id"]
         wait_for_job(
