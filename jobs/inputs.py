@@ -40,11 +40,12 @@ class InputLocator:
     def check(self, path: Path) -> None:
         """Raise InvalidRequestError (HTTP 400) unless the input may be read."""
         if path.type == PathType.FILEPATH:
-            self.local_path(path.value)
+            check_regular_file(self.local_path(path.value), path.value)
         elif path.type == PathType.URI:
             scheme = self.uri_scheme(path.value)
             if scheme == "file":
-                self.local_path(file_uri_path(path.value))
+                local = self.local_path(file_uri_path(path.value))
+                check_regular_file(local, path.value)
             else:
                 check_fsspec_scheme(scheme)
 
@@ -130,6 +131,32 @@ def file_uri_path(uri: str) -> str:
             param=PARAM,
         )
     return unquote(parts.path)
+
+
+def check_regular_file(resolved: str, value: str) -> None:
+    """Raise InvalidRequestError unless ``resolved`` is a readable regular file.
+
+    The job opens the file again when it runs, so a file removed after the
+    submission still makes the job fail with the reason.
+    """
+    try:
+        mode = os.stat(resolved).st_mode
+    except FileNotFoundError:
+        raise InvalidRequestError(
+            f"{PARAM}: {value!r} does not exist", param=PARAM
+        ) from None
+    except OSError as error:
+        raise InvalidRequestError(
+            f"{PARAM}: cannot read {value!r}: {error.strerror}", param=PARAM
+        ) from None
+    if not stat.S_ISREG(mode):
+        raise InvalidRequestError(
+            f"{PARAM}: {value!r} is not a regular file", param=PARAM
+        )
+    if not os.access(resolved, os.R_OK):
+        raise InvalidRequestError(
+            f"{PARAM}: {value!r} is not readable by the server", param=PARAM
+        )
 
 
 def check_fsspec_scheme(scheme: str) -> None:

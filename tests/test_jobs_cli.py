@@ -45,6 +45,20 @@ def test_command_rejects_unknown_job(tmp_path):
     assert "no job job-0123" in result.stderr
 
 
+def test_command_rejects_missing_input(tmp_path):
+    """The input is checked before any engine starts, so this returns at once."""
+    model = {"id": "rm", "path": str(tmp_path), "kind": "reward"}
+    result = run_command(
+        str(tmp_path / "missing.jsonl"),
+        "--jobs-dir",
+        str(tmp_path / "jobs"),
+        "--model",
+        json.dumps(model),
+    )
+    assert result.returncode == 2
+    assert "missing.jsonl' does not exist" in result.stderr
+
+
 @pytest.mark.engine
 def test_command_scores_file(tiny_dir, tmp_path):
     input_path = tmp_path / "input.jsonl"

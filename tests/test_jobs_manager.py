@@ -306,13 +306,15 @@ def test_job_without_valid_line_fails(client, text, message):
     assert len(errors) == counts["total"]
 
 
-def test_job_with_missing_file_fails(client, root):
+def test_missing_file_is_rejected_at_submit(client, root):
     path = {"type": "filepath", "value": str(root / "inputs" / "missing.jsonl")}
-    job = submit(client, path)
-    status = wait_for_job(client, job["job_id"])
-    assert status["status"] == "failed", status
-    assert "file not found" in status["error"]
-    assert status["request_counts"] == {"total": 0, "completed": 0, "failed": 0}
+    response = client.post(
+        SUBMIT, json={"reward_model": "rm", "prompt_with_response_path": path}
+    )
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == "prompt_with_response_path.value"
+    assert "does not exist" in error["message"]
 
 
 def test_batch_lines_on_generative_model(client):

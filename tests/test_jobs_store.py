@@ -145,6 +145,8 @@ def test_locator_accepts_allowed_files(input_root, relative):
         pytest.param("{root}/allowed/link.jsonl", "outside", id="symlink"),
         pytest.param("{root}/allowed-evil/in.jsonl", "outside", id="prefix"),
         pytest.param("allowed/sub/in.jsonl", "not an absolute path", id="relative"),
+        pytest.param("{root}/allowed/missing.jsonl", "does not exist", id="missing"),
+        pytest.param("{root}/allowed/sub", "not a regular file", id="folder"),
     ],
 )
 def test_locator_rejects_paths(input_root, value, message):
@@ -163,10 +165,12 @@ def test_locator_rejects_paths(input_root, value, message):
         pytest.param("s3://bucket/in.jsonl", "not enabled", id="s3-disabled"),
         pytest.param("https://example.com/in.jsonl", "not enabled", id="https"),
         pytest.param("in.jsonl", "not a URI", id="no-scheme"),
+        pytest.param("file:///{root}/allowed/nope.jsonl", "does not exist", id="gone"),
     ],
 )
 def test_locator_rejects_uris(input_root, uri, message):
     locator = locator_for(input_root)
+    uri = uri.format(root=input_root)
     with pytest.raises(InvalidRequestError, match=message):
         locator.check(Path(type=PathType.URI, value=uri))
 
