@@ -31,6 +31,8 @@ UTF8_BOM = b"\xef\xbb\xbf"
 INVALID = "invalid_request_error"
 SIMPLE_LINE_FIELDS = frozenset({"custom_id", "prompt_with_response"})
 BATCH_LINE_FIELDS = frozenset({"method", "url", "body"})
+# Names that OpenAI-style request bodies use, accepted in batch lines.
+BODY_ALIASES = {"model": "reward_model", "messages": "prompt_with_response"}
 
 
 @dataclass(frozen=True)
@@ -191,6 +193,17 @@ class LineParser:
             return validation_error_entry(line, custom_id, error)
 
         body = dict(batch_line.body)
+        for alias, name in BODY_ALIASES.items():
+            if alias not in body:
+                continue
+            if name in body:
+                return error_entry(
+                    line,
+                    custom_id,
+                    f"body.{alias}: give {name} or {alias}, not both",
+                    f"body.{alias}",
+                )
+            body[name] = body.pop(alias)
         reward_model = body.setdefault("reward_model", self.defaults.reward_model)
         if reward_model != self.defaults.reward_model:
             return error_entry(

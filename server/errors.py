@@ -21,6 +21,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 logger = logging.getLogger(__name__)
 
+# Where FastAPI says a request value came from.
+REQUEST_PARTS = frozenset({"body", "query", "path", "header", "cookie"})
+
 
 class OrjsonResponse(JSONResponse):
     """JSON response serialized with orjson instead of the standard library."""
@@ -130,9 +133,7 @@ def describe_validation_error(
             f"the request body is not valid JSON: {reason} at character {position}",
         )
     location = [*prefix] + [
-        str(part)
-        for part in error.get("loc", ())
-        if part != "body" and not _is_union_tag(part)
+        str(part) for part in error.get("loc", ()) if not _is_union_tag(part)
     ]
     param = ".".join(location)
     message = error.get("msg", "invalid value")
@@ -183,7 +184,15 @@ async def _handle_service_error(request: Request, error: ServiceError):
 
 
 async def _handle_validation_error(request: Request, error: RequestValidationError):
-    param, message = describe_validation_errors(error.errors())
+    # FastAPI starts each location with where the value came from, such as
+    # "body" or "query"; the param names the field alone.
+    errors = [
+        {**item, "loc": item["loc"][1:]}
+        if item.get("loc") and item["loc"][0] in REQUEST_PARTS
+        else item
+        for item in error.errors()
+    ]
+    param, message = describe_validation_errors(errors)
     return error_response(400, "invalid_request_error", message, param)
 
 

@@ -600,6 +600,14 @@ def test_unexpected_line_error_is_internal_error_row(client, engine):
     assert "tensor on fire" not in errors[0]["error"]["message"]
 
 
+def test_status_without_job_id_is_400(client):
+    response = client.get(STATUS)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == "job_id"
+    assert error["message"].startswith("job_id: ")
+
+
 def test_missing_result_file_is_404(client):
     job = submit(client, raw_input([job_line("a")]))
     status = wait_for_job(client, job["job_id"])

@@ -175,6 +175,32 @@ def test_plan_applies_job_defaults():
             "body.prompt_with_response",
             id="batch-empty-messages",
         ),
+        pytest.param(
+            json.dumps(
+                {
+                    "custom_id": "a",
+                    "method": "POST",
+                    "url": "/reward_model_scoring/",
+                    "body": [],
+                }
+            ),
+            "body",
+            "body: Input should be a valid dictionary",
+            id="batch-body-array",
+        ),
+        pytest.param(
+            json.dumps(
+                {
+                    "custom_id": "a",
+                    "method": "POST",
+                    "url": "/reward_model_scoring/",
+                    "body": {"model": "rm", "reward_model": "rm", "messages": ANSWER},
+                }
+            ),
+            "body.model",
+            "give reward_model or model, not both",
+            id="batch-model-twice",
+        ),
     ],
 )
 def test_plan_rejects_invalid_line(line, param, message):
@@ -252,6 +278,17 @@ def test_batch_line_takes_job_defaults():
     )
     assert entry["request"]["scoring_function"] == {"name": "raw"}
     assert entry["request"]["options"] == {"logprobs": True}
+
+
+def test_batch_line_accepts_openai_names():
+    line = {
+        "custom_id": "a",
+        "method": "POST",
+        "url": "/reward_model_scoring/",
+        "body": {"model": "rm", "messages": ANSWER},
+    }
+    (entry,) = run_plan(json.dumps(line))
+    assert entry["request"] == {"reward_model": "rm", "prompt_with_response": ANSWER}
 
 
 def test_plan_stops_when_asked():
