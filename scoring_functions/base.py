@@ -9,6 +9,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, ClassVar
 
+import orjson
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from server.config import ModelKind
@@ -268,6 +269,16 @@ class ScoringFunction(ABC):
         }
 
 
+def parse_params(params_model: type[BaseModel], params: dict[str, Any]) -> BaseModel:
+    """Validate params as strict JSON; raise pydantic's ValidationError.
+
+    Strict, so that ``"1"`` is not taken for a number nor ``true`` for a
+    label index. Params that are not JSON, such as a mapping with integer
+    keys from a YAML file, raise TypeError.
+    """
+    return params_model.model_validate_json(orjson.dumps(params), strict=True)
+
+
 def validate_params(
     params_model: type[BaseModel],
     params: dict[str, Any],
@@ -276,7 +287,7 @@ def validate_params(
     """Validate params; InvalidRequestError names the first invalid parameter."""
     check_finite_numbers(params, prefix)
     try:
-        return params_model.model_validate(params)
+        return parse_params(params_model, params)
     except ValidationError as error:
         param, message = describe_validation_errors(error.errors(), prefix=prefix)
         raise InvalidRequestError(message, param=param) from error

@@ -19,7 +19,7 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from scoring_functions.base import ScoringFunction
+from scoring_functions.base import ScoringFunction, parse_params
 from server.config import ModelConfig, ModelKind
 from server.errors import NotFoundError, describe_validation_errors
 
@@ -253,7 +253,9 @@ def _check_defaults(
     function: ScoringFunction, defaults: dict[str, Any], where: str
 ) -> None:
     try:
-        function.Params.model_validate(defaults)
+        parse_params(function.Params, defaults)
+    except TypeError as error:
+        raise ValueError(f"{where}: params must be JSON values: {error}") from error
     except ValidationError as error:
         errors = [item for item in error.errors() if item["type"] != "missing"]
         if errors:

@@ -190,6 +190,27 @@ def test_invalid_scoring_params(client):
     assert "sum" in error["message"]
 
 
+@pytest.mark.parametrize(
+    ("params", "param"),
+    [
+        pytest.param({"scale": "2"}, "scale", id="string-for-number"),
+        pytest.param({"label": True}, "label", id="bool-for-label"),
+    ],
+)
+def test_scoring_params_are_not_coerced(client, params, param):
+    body = {
+        "reward_model": "rm",
+        "prompt_with_response": ANSWER,
+        "scoring_function": {"name": "raw", "params": params},
+    }
+    assert_error(
+        post(client, body),
+        400,
+        "invalid_request_error",
+        f"scoring_function.params.{param}",
+    )
+
+
 def test_unknown_scoring_param(client):
     body = {
         "reward_model": "rm",

@@ -927,6 +927,8 @@ def test_build_registry_rejects_bad_module(modules, text):
         ({"raw": {"bias": 1}}, "unknown field"),
         ({"raw": {}, "builtin::raw": {}}, "already has defaults"),
         ({"response_logprob": {}}, "does not apply to reward models"),
+        ({"raw": {"scale": "2"}}, "valid number"),
+        ({"exact_match": {"reference": {1: "a"}}}, "must be JSON values"),
     ],
 )
 def test_invalid_scoring_params_fail_at_startup(tokenizer_dir, scoring_params, text):
