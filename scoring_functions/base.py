@@ -256,7 +256,7 @@ class ScoringFunction(ABC):
         defaults = self.model_defaults(scoring_params)
         if not defaults:
             return params
-        explicit = params.model_dump(include=params.model_fields_set)
+        explicit = params.model_dump(mode="json", include=params.model_fields_set)
         return validate_params(self.Params, {**defaults, **explicit})
 
     def describe(self) -> dict[str, Any]:
