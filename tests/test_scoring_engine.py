@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 import math
 
 import pytest
@@ -10,6 +12,7 @@ from tests import reference
 
 pytestmark = pytest.mark.engine
 
+DISCONNECT_TIMEOUT_S = 60
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
 
@@ -243,6 +246,74 @@ def test_concurrent_requests(tiny_client):
     singles = [score(tiny_client, "tiny-reward", conversation(a)) for a in answers[:4]]
     for batched, single in zip(results[:4], singles, strict=True):
         assert batched["score"] == pytest.approx(single["score"], abs=1e-4)
+
+
+async def post_then_disconnect(app, engine, body: dict) -> list[dict]:
+    """Send ``body`` to the app through ASGI and disconnect once the engine
+    holds the request; return the messages that the app sent back."""
+    data = json.dumps(body).encode("utf-8")
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/reward_model_scoring/",
+        "raw_path": b"/reward_model_scoring/",
+        "root_path": "",
+        "query_string": b"",
+        "headers": [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(data)).encode("ascii")),
+        ],
+        "client": ("127.0.0.1", 50000),
+        "server": ("127.0.0.1", 8000),
+    }
+    body_sent = False
+
+    async def receive() -> dict:
+        nonlocal body_sent
+        if not body_sent:
+            body_sent = True
+            return {"type": "http.request", "body": data, "more_body": False}
+        while not engine.engine.output_processor.has_unfinished_requests():
+            await asyncio.sleep(0)
+        return {"type": "http.disconnect"}
+
+    sent: list[dict] = []
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    await asyncio.wait_for(app(scope, receive, send), DISCONNECT_TIMEOUT_S)
+    return sent
+
+
+def test_client_disconnect_aborts_engine_request(tiny_client):
+    engine = tiny_client.app.state.service.models["tiny-reward"]
+    aborted: list[str] = []
+    abort = engine.engine.abort
+
+    async def recording_abort(request_id, *args, **kwargs):
+        aborted.append(request_id)
+        return await abort(request_id, *args, **kwargs)
+
+    body = {
+        "reward_model": "tiny-reward",
+        "prompt_with_response": conversation("Paris " * 40),
+    }
+    engine.engine.abort = recording_abort
+    try:
+        sent = tiny_client.portal.call(
+            post_then_disconnect, tiny_client.app, engine, body
+        )
+    finally:
+        del engine.engine.abort
+    # 499 goes to the access log only; the client is gone.
+    assert sent[0]["status"] == 499
+    assert b"score" not in b"".join(m.get("body", b"") for m in sent)
+    assert aborted
+    assert not engine.engine.output_processor.has_unfinished_requests()
 
 
 def test_models_endpoint_lists_served_ids(tiny_client):
