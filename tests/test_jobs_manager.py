@@ -270,6 +270,45 @@ def test_job_reads_each_path_type(client, root, kind):
     assert status["input_file_path"] == path
 
 
+@pytest.fixture
+def http_folder(tmp_path) -> Iterator[tuple[Path, str]]:
+    """A folder served over HTTP on loopback, and its URL."""
+    import functools
+    import http.server
+    import threading
+
+    handler = functools.partial(
+        http.server.SimpleHTTPRequestHandler, directory=str(tmp_path)
+    )
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield tmp_path, f"http://127.0.0.1:{server.server_port}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_job_reads_http_uri(tokenizer_dir, tmp_path, http_folder):
+    folder, url = http_folder
+    (folder / "in.jsonl").write_text(
+        "\n".join(job_line(f"h{i}") for i in range(3)), encoding="utf-8"
+    )
+    with make_client(tokenizer_dir, tmp_path, jobs={"uri_schemes": ["http"]}) as client:
+        wait_ready(client)
+        job = submit(client, {"type": "uri", "value": f"{url}/in.jsonl"})
+        status = wait_for_job(client, job["job_id"])
+        assert status["status"] == "completed", status
+        assert status["request_counts"]["completed"] == 3
+
+        missing = submit(client, {"type": "uri", "value": f"{url}/missing.jsonl"})
+        status = wait_for_job(client, missing["job_id"])
+    assert status["status"] == "failed", status
+    assert "cannot read input" in status["error"]
+    assert "missing.jsonl" in status["error"]
+
+
 def test_job_with_every_line_failing_completes(client):
     lines = [
         json.dumps(
