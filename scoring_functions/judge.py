@@ -113,7 +113,13 @@ class LlmJudgeParams(BaseModel):
 
 def single_token_id(tokenizer, text: str, param: str) -> int:
     """Return the id of the one token that ``text`` encodes to; 400 otherwise."""
-    token_ids = tokenizer.encode(text, add_special_tokens=False)
+    # The Rust tokenizer, where there is one, is called directly: transformers'
+    # encode may reconfigure it, which fails while a worker thread tokenizes.
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        token_ids = backend.encode(text, add_special_tokens=False).ids
+    else:
+        token_ids = tokenizer.encode(text, add_special_tokens=False)
     if len(token_ids) != 1:
         raise InvalidRequestError(
             f"scoring_function.params.{param}: {text!r} is {len(token_ids)} tokens "
@@ -238,8 +244,8 @@ class LlmJudge(ScoringFunction):
         yes_id = single_token_id(tokenizer, params.yes_token, "yes_token")
         no_id = single_token_id(tokenizer, params.no_token, "no_token")
         template = params.template or DEFAULT_JUDGE_TEMPLATE
-        context.conversation = render_judge_prompt(
-            context, template, context.model.max_model_len - 1
+        context.conversation = await context.run_blocking(
+            render_judge_prompt, context, template, context.model.max_model_len - 1
         )
         logprobs = await context.next_token_logprobs(
             context.conversation.token_ids, [yes_id, no_id]
@@ -264,8 +270,8 @@ class LlmJudge(ScoringFunction):
                 param="options.max_tokens",
             )
         template = params.template or DEFAULT_RATING_TEMPLATE
-        context.conversation = render_judge_prompt(
-            context, template, max_model_len - max_tokens
+        context.conversation = await context.run_blocking(
+            render_judge_prompt, context, template, max_model_len - max_tokens
         )
 
         generation = await context.sample(

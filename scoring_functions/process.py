@@ -98,7 +98,9 @@ class ProcessReward(ScoringFunction):
                 param="prompt_with_response",
             )
         tagged = "".join(step + params.step_tag for step in steps)
-        context.conversation = context.prepare(context.with_response(tagged))
+        context.conversation = await context.run_blocking(
+            context.prepare, context.with_response(tagged)
+        )
 
         step_logits = await self._step_logits(context, tag_id, len(steps))
         labels = context.model.labels

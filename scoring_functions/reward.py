@@ -148,7 +148,9 @@ class Pairwise(ScoringFunction):
     async def compute(
         self, context: ScoringContext, params: PairwiseParams
     ) -> ScoreResult:
-        reference = context.prepare(context.with_response(params.reference))
+        reference = await context.run_blocking(
+            context.prepare, context.with_response(params.reference)
+        )
         values, reference_values = await asyncio.gather(
             context.classify(), context.classify(reference)
         )

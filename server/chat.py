@@ -23,6 +23,8 @@ logger = logging.getLogger(__name__)
 # Stands in for the response while locating it in the rendered text. It has no
 # whitespace at either end, so templates that trim content keep it whole.
 RESPONSE_MARKER = "\u2063RMS-RESPONSE-7f3a9c\u2063"
+# Texts longer than this are tokenized in a way that releases the GIL.
+GIL_RELEASE_CHARS = 10_000
 
 
 @dataclass(frozen=True)
@@ -128,7 +130,13 @@ class ConversationRenderer:
         if backend is not None:
             # Calls the Rust tokenizer directly, which skips the BatchEncoding
             # that transformers' __call__ builds around the same ids and offsets.
-            encoding = backend.encode(text, add_special_tokens=False)
+            if len(text) > GIL_RELEASE_CHARS:
+                # encode_batch releases the GIL while it works, so that a long
+                # text tokenized in a worker thread does not stall the event
+                # loop; encode holds the GIL throughout.
+                encoding = backend.encode_batch([text], add_special_tokens=False)[0]
+            else:
+                encoding = backend.encode(text, add_special_tokens=False)
             token_ids = list(encoding.ids)
             offsets = encoding.offsets
             # A token that straddles the start of the response counts as part
@@ -141,6 +149,9 @@ class ConversationRenderer:
                 (i for i, (begin, _) in enumerate(offsets) if begin >= end),
                 len(token_ids),
             )
+            # An empty response has no tokens, even where a token straddles
+            # its place.
+            response_end = response_start if end <= start else response_end
             response_end = max(response_end, response_start)
         else:
             token_ids = tokenizer.encode(text, add_special_tokens=False)

@@ -100,7 +100,7 @@ class ScoringService:
 
         options = request.options
         truncation = options.truncation or model.config.truncation
-        context = ScoringContext(
+        context = await ScoringContext.create(
             request_id,
             model,
             [message.to_template_dict() for message in messages],

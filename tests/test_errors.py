@@ -359,3 +359,28 @@ def test_path_without_trailing_slash(client):
     response = client.post("/reward_model_scoring", json=body)
     assert response.status_code == 200, response.text
     assert response.json()["score"] == 1.5
+
+
+def test_long_conversation_is_tokenized_off_the_event_loop(client, monkeypatch):
+    import threading
+
+    from scoring_functions import base
+    from server.chat import ConversationRenderer
+
+    threads = []
+    tokenize = ConversationRenderer.tokenize
+
+    def recording_tokenize(self, messages):
+        threads.append(threading.current_thread())
+        return tokenize(self, messages)
+
+    monkeypatch.setattr(ConversationRenderer, "tokenize", recording_tokenize)
+    body = {"reward_model": "rm", "prompt_with_response": ANSWER}
+    monkeypatch.setattr(base, "OFFLOAD_CHARS", 1_000)
+    assert post(client, body).status_code == 200
+    monkeypatch.setattr(base, "OFFLOAD_CHARS", 10)
+    assert post(client, body).status_code == 200
+    # The first request ran on the event loop's thread, the second did not.
+    assert len(threads) == 2
+    assert threads[0] is not threads[1]
+    assert threads[1].name.startswith("asyncio")

@@ -81,3 +81,10 @@ def test_judge_prompt_ends_with_generation_prompt(client, smollm2_dir):
     assert text.startswith("<|im_start|>")
     assert text.endswith("Answer Yes or No.<|im_end|>\n<|im_start|>assistant\n")
     assert result["token_ids"][:2].count(tokenizer.bos_token_id) == 1
+
+
+def test_judge_counts_no_tokens_for_empty_response(client):
+    # The newlines before and after the response in the judge template merge
+    # into a token that straddles its place; it is not counted as response.
+    result = score(client, "smollm2-judge", "")
+    assert result["usage"]["response_tokens"] == 0
