@@ -131,9 +131,9 @@ class ConversationRenderer:
             # Calls the Rust tokenizer directly, which skips the BatchEncoding
             # that transformers' __call__ builds around the same ids and offsets.
             if len(text) > GIL_RELEASE_CHARS:
-                # encode_batch releases the GIL while it works, so that a long
-                # text tokenized in a worker thread does not stall the event
-                # loop; encode holds the GIL throughout.
+                # encode holds the GIL throughout, but encode_batch releases it.
+                # So a worker thread can tokenize a long text without stalling
+                # the event loop.
                 encoding = backend.encode_batch([text], add_special_tokens=False)[0]
             else:
                 encoding = backend.encode(text, add_special_tokens=False)

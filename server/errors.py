@@ -21,7 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 logger = logging.getLogger(__name__)
 
-# Where FastAPI says a request value came from.
+# Location prefixes that FastAPI puts before the field in validation errors.
 REQUEST_PARTS = frozenset({"body", "query", "path", "header", "cookie"})
 
 
@@ -184,8 +184,8 @@ async def _handle_service_error(request: Request, error: ServiceError):
 
 
 async def _handle_validation_error(request: Request, error: RequestValidationError):
-    # FastAPI starts each location with where the value came from, such as
-    # "body" or "query"; the param names the field alone.
+    # FastAPI starts each location with the part of the request, such as
+    # "body" or "query". The param names the field alone.
     errors = [
         {**item, "loc": item["loc"][1:]}
         if item.get("loc") and item["loc"][0] in REQUEST_PARTS

@@ -24,9 +24,9 @@ LINES = 6000
 # Every 250th line is invalid JSON, so the error file is resumed too.
 BAD_EVERY = 250
 KILL_AFTER_COMPLETED = 300
-# The kill must land while the job runs. Watching the success file (no HTTP)
-# and scoring one line at a time before the kill keep that true on fast
-# machines; after the restart the job scores 8 lines at a time.
+# The kill must land while the job runs, also on fast machines. So the test
+# watches the success file instead of polling over HTTP, and the job scores one
+# line at a time until the kill. After the restart it scores 8 at a time.
 ROW_POLL_S = 0.005
 START_TIMEOUT_S = 300
 JOB_TIMEOUT_S = 300
@@ -126,7 +126,7 @@ def wait_for(server: Server, job_id: str, until) -> dict:
 
 
 def wait_for_rows(path: Path, rows: int, server: Server) -> int:
-    """Wait until ``path`` holds at least ``rows`` rows; return how many."""
+    """Wait until ``path`` contains at least ``rows`` rows; return how many."""
     deadline = time.monotonic() + JOB_TIMEOUT_S
     while time.monotonic() < deadline:
         try:
