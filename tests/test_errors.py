@@ -361,7 +361,7 @@ def test_path_without_trailing_slash(client):
     assert response.json()["score"] == 1.5
 
 
-def test_long_conversation_is_tokenized_off_the_event_loop(client, monkeypatch):
+def test_long_conversation_tokenized_in_thread(client, monkeypatch):
     import threading
 
     from scoring_functions import base

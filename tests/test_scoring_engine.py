@@ -249,8 +249,8 @@ def test_concurrent_requests(tiny_client):
 
 
 async def post_then_disconnect(app, engine, body: dict) -> list[dict]:
-    """Send ``body`` to the app through ASGI and disconnect once the engine
-    holds the request; return the messages that the app sent back."""
+    """Send ``body`` to the app through ASGI, and disconnect once the engine
+    has the request. Return the messages that the app sent back."""
     data = json.dumps(body).encode("utf-8")
     scope = {
         "type": "http",
@@ -309,7 +309,7 @@ def test_client_disconnect_aborts_engine_request(tiny_client):
         )
     finally:
         del engine.engine.abort
-    # 499 goes to the access log only; the client is gone.
+    # The client is gone, so 499 only reaches the access log.
     assert sent[0]["status"] == 499
     assert b"score" not in b"".join(m.get("body", b"") for m in sent)
     assert aborted

@@ -85,6 +85,6 @@ def test_judge_prompt_ends_with_generation_prompt(client, smollm2_dir):
 
 def test_judge_counts_no_tokens_for_empty_response(client):
     # The newlines before and after the response in the judge template merge
-    # into a token that straddles its place; it is not counted as response.
+    # into a token that straddles its place. That token is not response.
     result = score(client, "smollm2-judge", "")
     assert result["usage"]["response_tokens"] == 0
