@@ -120,9 +120,6 @@ class ProcessReward(ScoringFunction):
         """Return the head outputs at the response's step tags, one row per step."""
         conversation = context.conversation
         positions = [i for i, t in enumerate(conversation.token_ids) if t == tag_id]
-        # NOTE: only heads with one output per label are supported. Causal LMs
-        # used as process reward models need vLLM's returned_token_ids, which
-        # is not passed.
         outputs = await context.classify_steps(conversation, tag_id)
         if len(outputs.rows) != len(positions):
             raise ModelOutputError(

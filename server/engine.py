@@ -12,7 +12,11 @@ from typing import Any
 
 from server.chat import ConversationRenderer
 from server.config import ModelConfig, ModelKind
-from server.errors import ModelOutputError, ServiceUnavailableError
+from server.errors import (
+    InvalidRequestError,
+    ModelOutputError,
+    ServiceUnavailableError,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +67,10 @@ def build_engine_args(config: ModelConfig) -> dict[str, Any]:
         args["max_model_len"] = config.max_model_len
     if config.hf_overrides:
         args["hf_overrides"] = config.hf_overrides
+    if config.kind == ModelKind.PROCESS_REWARD:
+        # Step pooling is what Qwen2ForProcessRewardModel uses anyway, and what
+        # a causal LM turned into a step scorer (Math-Shepherd) needs.
+        args["pooler_config"] = {"tok_pooling_type": "STEP"}
     args.update(config.engine_args)
     return args
 
@@ -332,16 +340,26 @@ class ModelEngine:
 
         Returns the request's final output.
         """
+        from vllm.exceptions import VLLMClientError
         from vllm.inputs import TokensPrompt
 
-        return await final_output(
-            submit(
-                TokensPrompt(prompt_token_ids=token_ids),
-                params,
-                request_id,
-                priority=priority,
+        try:
+            return await final_output(
+                submit(
+                    TokensPrompt(prompt_token_ids=token_ids),
+                    params,
+                    request_id,
+                    priority=priority,
+                )
             )
-        )
+        except VLLMClientError as error:
+            # vLLM's own server answers these with 400 too.
+            logger.warning(
+                "model %s rejected request %s: %s", self.id, request_id, error
+            )
+            raise InvalidRequestError(
+                f"model {self.id} rejected the request: {error}"
+            ) from error
 
     def _check_finite(self, values: list[float], request_id: str) -> None:
         for value in values:
@@ -361,11 +379,19 @@ async def final_output(outputs: Any) -> Any:
 
 
 def head_labels(hf_config: Any, count: int) -> list[str]:
-    """Name each head output from ``id2label``, or ``score`` for a single output."""
+    """Name each head output.
+
+    The names come from ``id2label`` unless it has only transformers' default
+    names. A head built from token rows of the LM head (vLLM's
+    ``classifier_from_token``) is named by those tokens. A single output
+    without a name is ``score``.
+    """
+    defaults = [f"LABEL_{i}" for i in range(count)]
     id2label = getattr(hf_config, "id2label", None) or {}
     names = [id2label.get(i, id2label.get(str(i))) for i in range(count)]
-    if all(isinstance(name, str) for name in names) and not (
-        count == 1 and names == ["LABEL_0"]
-    ):
+    if all(isinstance(name, str) for name in names) and names != defaults:
         return names
-    return ["score"] if count == 1 else [f"LABEL_{i}" for i in range(count)]
+    tokens = getattr(hf_config, "classifier_from_token", None)
+    if isinstance(tokens, list) and len(tokens) == count and count > 1:
+        return [str(token) for token in tokens]
+    return ["score"] if count == 1 else defaults

@@ -30,13 +30,19 @@ def head_logits(path: Path, token_ids: list[int]) -> list[float]:
     return logits[0].tolist()
 
 
-def next_token_logits(path: Path, token_ids: list[int]):
-    """Return the causal LM's logits for the token after ``token_ids``."""
+def lm_logits(path: Path, token_ids: list[int]):
+    """Return the causal LM's logits at every position, one row per token."""
     import torch
 
     model = _load(str(path), "AutoModelForCausalLM")
     with torch.no_grad():
-        return model(torch.tensor([token_ids])).logits[0, -1]
+        return model(torch.tensor([token_ids])).logits[0]
+
+
+def next_token_logits(path: Path, token_ids: list[int]):
+    """Return the causal LM's logits for the token after ``token_ids``."""
+
+    return lm_logits(path, token_ids)[-1]
 
 
 def token_logprobs(

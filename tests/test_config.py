@@ -119,9 +119,18 @@ def test_engine_args_per_kind():
                 "engine_args": {"enforce_eager": True, "dtype": "bfloat16"},
             },
             {"id": "lm", "path": "/m", "kind": "generative"},
+            {"id": "prm", "path": "/m", "kind": "process_reward"},
+            {
+                "id": "prm-all",
+                "path": "/m",
+                "kind": "process_reward",
+                "engine_args": {"pooler_config": {"tok_pooling_type": "ALL"}},
+            },
         ]
     )
-    reward, generative = (build_engine_args(model) for model in config.models)
+    reward, generative, prm, prm_all = (
+        build_engine_args(model) for model in config.models
+    )
     assert reward["runner"] == "pooling"
     assert reward["max_model_len"] == 512
     assert reward["enforce_eager"] is True
@@ -129,6 +138,9 @@ def test_engine_args_per_kind():
     assert generative["runner"] == "generate"
     assert "max_model_len" not in generative
     assert generative["scheduling_policy"] == "priority"
+    assert "pooler_config" not in reward
+    assert prm["pooler_config"] == {"tok_pooling_type": "STEP"}
+    assert prm_all["pooler_config"] == {"tok_pooling_type": "ALL"}
 
 
 def test_judge_template_needs_response():

@@ -384,3 +384,27 @@ def test_long_conversation_tokenized_in_thread(client, monkeypatch):
     assert len(threads) == 2
     assert threads[0] is not threads[1]
     assert threads[1].name.startswith("asyncio")
+
+
+def test_vllm_validation_error_is_400(tokenizer_dir):
+    import asyncio
+
+    from vllm.exceptions import VLLMValidationError
+
+    from server.config import ModelConfig
+    from server.engine import ModelEngine
+    from server.errors import InvalidRequestError
+
+    engine = ModelEngine(
+        ModelConfig(id="rm", path=str(tokenizer_dir), kind="process_reward")
+    )
+
+    async def rejecting_submit(prompt, params, request_id, priority=0):
+        raise VLLMValidationError("step_tag_id is not supported")
+        yield
+
+    with pytest.raises(InvalidRequestError) as raised:
+        asyncio.run(engine._run(rejecting_submit, [1, 2], None, "r-1", 0))
+    assert raised.value.status_code == 400
+    assert "model rm rejected the request" in raised.value.message
+    assert "step_tag_id is not supported" in raised.value.message

@@ -405,19 +405,39 @@ def prm_dir(tmp_path_factory) -> Path:
     return tiny_prm.build_process_reward_model(directory)
 
 
+# A causal LM that scores steps by the logits of two tokens at a tag, as
+# Math-Shepherd does with "+" and "-" after "ки".
+LM_STEP_TAG = "|"
+LM_STEP_TOKENS = ["-", "+"]
+
+
 @pytest.fixture(scope="module")
-def prm_client(prm_dir, installed_plugin):
+def prm_client(prm_dir, tiny_dir, installed_plugin):
+    common = {
+        "kind": "process_reward",
+        "dtype": "float32",
+        "max_model_len": 128,
+        "engine_args": {"enforce_eager": True},
+    }
     config = ServerConfig(
         models=[
             {
                 "id": "tiny-prm",
                 "path": str(prm_dir),
-                "kind": "process_reward",
-                "dtype": "float32",
-                "max_model_len": 128,
-                "engine_args": {"enforce_eager": True},
                 "scoring_params": {"process_reward": {"step_tag": tiny_prm.STEP_TAG}},
-            }
+                **common,
+            },
+            {
+                "id": "tiny-lm-prm",
+                "path": str(tiny_dir / "causal"),
+                "hf_overrides": {
+                    "architectures": ["LlamaForSequenceClassification"],
+                    "classifier_from_token": LM_STEP_TOKENS,
+                    "method": "no_post_processing",
+                },
+                "scoring_params": {"process_reward": {"step_tag": LM_STEP_TAG}},
+                **common,
+            },
         ],
         scoring_function_modules=["rms_test_plugin.extra"],
     )
@@ -464,6 +484,32 @@ def test_process_reward_matches_transformers(prm_client, prm_dir, aggregation, c
     assert result["steps"] == pytest.approx(expected, abs=1e-4)
     assert result["score"] == pytest.approx(combine(expected), abs=1e-4)
     assert result["logprob"] == pytest.approx(math.log(combine(expected)), abs=1e-4)
+
+
+def test_process_reward_on_causal_lm(prm_client, tiny_dir):
+    from transformers import AutoTokenizer
+
+    path = tiny_dir / "causal"
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    tag_id, minus_id, plus_id = (
+        tokenizer.convert_tokens_to_ids(token)
+        for token in [LM_STEP_TAG, *LM_STEP_TOKENS]
+    )
+    result = score(
+        prm_client, "tiny-lm-prm", conversation(STEPS), "process_reward", label="+"
+    )
+    token_ids = result["token_ids"]
+    logits = reference.lm_logits(path, token_ids)
+    expected = [
+        math.exp(
+            log_softmax([float(logits[i, minus_id]), float(logits[i, plus_id])])[1]
+        )
+        for i, token in enumerate(token_ids)
+        if token == tag_id and i >= result["response_start"]
+    ]
+    assert len(expected) == 3
+    assert result["steps"] == pytest.approx(expected, abs=1e-4)
+    assert result["score"] == pytest.approx(min(expected), abs=1e-4)
 
 
 def test_process_reward_step_count(prm_client):
