@@ -353,7 +353,7 @@ class ModelEngine:
                 )
             )
         except VLLMClientError as error:
-            # vLLM's own server answers these with 400 too.
+            # vLLM's own server returns 400 for these errors too.
             logger.warning(
                 "model %s rejected request %s: %s", self.id, request_id, error
             )
