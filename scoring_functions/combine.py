@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import sys
+from collections.abc import Iterable
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -25,6 +27,15 @@ logger = logging.getLogger(__name__)
 MAX_PARTS = 16
 # Keeps weighted sums of ordinary scores far from float overflow.
 MAX_WEIGHT = 1e6
+
+
+def finite_sum(values: Iterable[float]) -> float | None:
+    """Return the exact sum of ``values``, or None when it is not finite."""
+    try:
+        total = math.fsum(values)
+    except OverflowError:
+        return None
+    return total if math.isfinite(total) else None
 
 
 class Component(BaseModel):
@@ -96,12 +107,23 @@ class WeightedSum(ScoringFunction):
                 parts, params.functions, results, strict=True
             )
         ]
+        score = finite_sum(
+            component.weight * result.score
+            for component, result in zip(params.functions, results, strict=True)
+        )
+        if score is None:
+            raise InvalidRequestError(
+                "scoring_function.params.functions: the weighted sum of the parts' "
+                "scores overflows a 64-bit float; use smaller weights or scales",
+                param="scoring_function.params.functions",
+            )
+        logprob = finite_sum(min(result.logprob, 0.0) for result in results)
         return ScoreResult(
-            score=math.fsum(
-                component.weight * result.score
-                for component, result in zip(params.functions, results, strict=True)
-            ),
-            logprob=math.fsum(min(result.logprob, 0.0) for result in results),
+            score=score,
+            # Parts that each report a huge finite stand-in for log 0, such as
+            # mismatch_logprob, can overflow together. The sum is then taken
+            # as the most negative float, the same kind of stand-in.
+            logprob=-sys.float_info.max if logprob is None else logprob,
             detail={"components": components},
         )
 

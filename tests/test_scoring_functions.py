@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -1060,6 +1061,18 @@ def test_weighted_sum_weight_bounded(client):
         client, "lm", conversation("Paris"), "weighted_sum", functions=functions
     )
     assert_invalid(response, "scoring_function.params.functions.0.weight")
+
+
+def test_weighted_sum_logprob_overflow_is_clamped(client):
+    part = {
+        "name": "exact_match",
+        "params": {"reference": "Berlin", "mismatch_logprob": -1.7e308},
+    }
+    result = score(
+        client, "lm", conversation("Paris"), "weighted_sum", functions=[part, part]
+    )
+    assert result["logprob"] == -sys.float_info.max
+    assert result["score"] == 0.0
 
 
 def test_non_finite_option_rejected(client):
