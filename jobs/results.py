@@ -12,10 +12,25 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path as FilePath
+from typing import BinaryIO
 
 logger = logging.getLogger(__name__)
 
 TAIL_READ_BYTES = 1 << 16
+
+
+def complete_rows_end(file: BinaryIO, size: int) -> int:
+    """Return the offset just after the last newline in the first ``size``
+    bytes of ``file``, or 0 when there is none."""
+    end = size
+    while end > 0:
+        start = max(0, end - TAIL_READ_BYTES)
+        file.seek(start)
+        newline = file.read(end - start).rfind(b"\n")
+        if newline >= 0:
+            return start + newline + 1
+        end = start
+    return 0
 
 
 def recover_row_count(path: FilePath) -> int:
@@ -29,15 +44,7 @@ def recover_row_count(path: FilePath) -> int:
         return 0
     with open(path, "r+b") as file:
         size = file.seek(0, os.SEEK_END)
-        end = size
-        while end > 0:
-            start = max(0, end - TAIL_READ_BYTES)
-            file.seek(start)
-            newline = file.read(end - start).rfind(b"\n")
-            if newline >= 0:
-                end = start + newline + 1
-                break
-            end = start
+        end = complete_rows_end(file, size)
         if end < size:
             logger.warning(
                 "%s: removing %d bytes of a partially written last row",

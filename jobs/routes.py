@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import logging
-from typing import Annotated, Any, Literal
+import os
+from collections.abc import Iterator
+from typing import Annotated, Any, BinaryIO, Literal
 
 from fastapi import APIRouter, Query, Request
-from fastapi.responses import FileResponse
+from fastapi.responses import StreamingResponse
 
 from jobs.manager import Job, JobManager, describe
 from jobs.protocol import (
@@ -15,6 +17,7 @@ from jobs.protocol import (
     JobStatus,
     SubmitJobRequest,
 )
+from jobs.results import complete_rows_end
 from server.errors import ErrorResponse, NotFoundError
 
 logger = logging.getLogger(__name__)
@@ -28,6 +31,8 @@ JOB_ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
         (413, "The `raw_bytes` input is larger than the server allows."),
     ]
 }
+
+DOWNLOAD_CHUNK_BYTES = 1 << 20
 
 JobId = Annotated[str, Query(description="Id of the job, as returned by submit_job.")]
 
@@ -104,7 +109,7 @@ async def list_jobs(
 @router.get(
     "/job_file",
     name="get_job_file",
-    response_class=FileResponse,
+    response_class=StreamingResponse,
     responses={
         **JOB_ERROR_RESPONSES,
         200: {"content": {"application/jsonl": {}}, "description": "JSONL rows."},
@@ -118,17 +123,44 @@ async def get_job_file(
         Literal["success", "error"], Query(description="Which result file.")
     ],
 ):
-    """Serve the file as it is now; while the job runs, later rows are missing
-    and the last row may be cut off."""
+    """Serve the complete rows that the file has now.
+
+    While the job runs, the file grows as rows are written. The response ends
+    at the last complete row at the time of the request, so its length matches
+    its Content-Length header.
+    """
     job = job_manager(request).get(job_id)
     path = job.files.success if file == "success" else job.files.errors
-    if not path.is_file():
+    try:
+        source = open(path, "rb")  # noqa: SIM115
+    except FileNotFoundError:
         raise NotFoundError(
             f"file: the {file} file of job {job_id} is missing from {path.parent}",
             param="file",
-        )
-    return FileResponse(
-        path,
+        ) from None
+    try:
+        length = complete_rows_end(source, os.fstat(source.fileno()).st_size)
+    except OSError:
+        source.close()
+        raise
+    source.seek(0)
+    return StreamingResponse(
+        read_prefix(source, length),
         media_type="application/jsonl",
-        filename=f"{job_id}-{file}.jsonl",
+        headers={
+            "content-length": str(length),
+            "content-disposition": f'attachment; filename="{job_id}-{file}.jsonl"',
+        },
     )
+
+
+def read_prefix(source: BinaryIO, length: int) -> Iterator[bytes]:
+    """Yield the first ``length`` bytes of ``source`` in chunks, then close it."""
+    with source:
+        remaining = length
+        while remaining > 0:
+            chunk = source.read(min(DOWNLOAD_CHUNK_BYTES, remaining))
+            if not chunk:
+                break
+            remaining -= len(chunk)
+            yield chunk

@@ -647,6 +647,21 @@ def test_status_without_job_id_is_400(client):
     assert error["message"].startswith("job_id: ")
 
 
+def test_result_file_download_ends_at_complete_row(client):
+    job = submit(client, raw_input([job_line("a"), job_line("b")]))
+    status = wait_for_job(client, job["job_id"])
+    path = Path(status["success_file_path"]["value"])
+    rows = path.read_bytes()
+    # A row that is being written while the file is downloaded.
+    with open(path, "ab") as file:
+        file.write(b'{"custom_id": "c", "sco')
+    response = client.get(FILE, params={"job_id": job["job_id"], "file": "success"})
+    assert response.status_code == 200, response.text
+    assert response.content == rows
+    assert response.headers["content-length"] == str(len(rows))
+    assert "attachment" in response.headers["content-disposition"]
+
+
 def test_missing_result_file_is_404(client):
     job = submit(client, raw_input([job_line("a")]))
     status = wait_for_job(client, job["job_id"])
