@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 logger = logging.getLogger(__name__)
 
@@ -70,11 +70,15 @@ class Message(BaseModel):
 
 
 class Options(BaseModel):
-    """Per-request options."""
+    """Per-request options.
 
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    Strict, like scoring-function params: ``"5"`` is not a number and ``true``
+    is not a priority. An integer is accepted where a float is expected.
+    """
 
-    logprobs: StrictBool = Field(
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)
+
+    logprobs: bool = Field(
         False,
         description="Generative models: also return `token_logprobs`, the "
         "log-probability of each response token. Reward models return no extra "
@@ -98,7 +102,7 @@ class Options(BaseModel):
         "`left` drops the oldest prompt tokens and keeps the whole response, "
         "`error` rejects it with 400. Default: the model's configured policy.",
     )
-    return_token_ids: StrictBool = Field(
+    return_token_ids: bool = Field(
         False,
         description="Extension. Return the token ids sent to the engine and where "
         "the response starts in them.",

@@ -211,6 +211,25 @@ def test_scoring_params_are_not_coerced(client, params, param):
     )
 
 
+@pytest.mark.parametrize(
+    ("options", "param"),
+    [
+        pytest.param({"priority": True}, "priority", id="bool-priority"),
+        pytest.param({"priority": "1"}, "priority", id="string-priority"),
+        pytest.param({"priority": 1e30}, "priority", id="huge-priority"),
+        pytest.param({"max_tokens": "5"}, "max_tokens", id="string-max-tokens"),
+        pytest.param({"temperature": "0.5"}, "temperature", id="string-temperature"),
+        pytest.param({"logprobs": 1}, "logprobs", id="number-logprobs"),
+    ],
+)
+def test_options_are_not_coerced(client, options, param):
+    body = {"reward_model": "rm", "prompt_with_response": ANSWER, "options": options}
+    error = assert_error(
+        post(client, body), 400, "invalid_request_error", f"options.{param}"
+    )
+    assert "Unable to parse" not in error["message"]
+
+
 def test_unknown_scoring_param(client):
     body = {
         "reward_model": "rm",
