@@ -148,9 +148,20 @@ class Pairwise(ScoringFunction):
     async def compute(
         self, context: ScoringContext, params: PairwiseParams
     ) -> ScoreResult:
-        reference = await context.run_blocking(
-            context.prepare, context.with_response(params.reference)
-        )
+        try:
+            reference = await context.run_blocking(
+                context.prepare, context.with_response(params.reference)
+            )
+        except InvalidRequestError as error:
+            # The reference takes the response's place, so errors about the
+            # response concern the reference here.
+            message = error.message.removeprefix("prompt_with_response: ")
+            message = message.replace("shorten the response", "shorten the reference")
+            raise InvalidRequestError(
+                f"scoring_function.params.reference: scored in place of the "
+                f"response, {message}",
+                param="scoring_function.params.reference",
+            ) from error
         values, reference_values = await asyncio.gather(
             context.classify(), context.classify(reference)
         )

@@ -257,6 +257,16 @@ def test_pairwise_requires_reference(client):
     assert_invalid(response, "scoring_function.params.reference", "Field required")
 
 
+def test_pairwise_long_reference_names_reference(client):
+    response = post(
+        client, "rm", conversation("Paris"), "pairwise", reference="Rome " * 200
+    )
+    error = assert_invalid(
+        response, "scoring_function.params.reference", "in place of the response"
+    )
+    assert "shorten the reference" in error["message"]
+
+
 # Generative models. The fake gives every token log-probability 1.5, which the
 # service clips to 0 only in the top-level logprob.
 
