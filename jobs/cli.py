@@ -13,6 +13,7 @@ import asyncio
 import json
 import logging
 import os
+import signal
 import sys
 import time
 from pathlib import Path as FilePath
@@ -29,7 +30,7 @@ from server.cli import (
     parse_model_spec,
 )
 from server.config import ModelConfig, ServerConfig
-from server.errors import ServiceError
+from server.errors import ServiceError, describe_validation_errors
 
 logger = logging.getLogger(__name__)
 
@@ -276,6 +277,11 @@ def main(argv: list[str] | None = None) -> int:
         level=args.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    # Batch schedulers such as Slurm and Kubernetes stop a run with SIGTERM. It
+    # takes the Ctrl-C path, which stops the engine and prints how to resume.
+    signal.signal(
+        signal.SIGTERM, lambda signum, frame: signal.raise_signal(signal.SIGINT)
+    )
     # vLLM would otherwise log to stdout, mixed with the summary. Unconfigured,
     # its loggers go through the root logger set up above, to stderr.
     os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "0")
@@ -302,7 +308,10 @@ def main(argv: list[str] | None = None) -> int:
                 metadata=args.metadata,
                 options=args.options,
             )
-    except (ValidationError, ValueError, OSError) as error:
+    except ValidationError as error:
+        # Names each invalid field, such as options.max_tokens, in one line.
+        parser.error(describe_validation_errors(error.errors())[1])
+    except (ValueError, OSError) as error:
         parser.error(str(error))
 
     started: list[Job] = []

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -59,6 +61,26 @@ def test_command_rejects_missing_input(tmp_path):
     assert "missing.jsonl' does not exist" in result.stderr
 
 
+def test_command_rejects_invalid_options(tmp_path):
+    input_path = tmp_path / "input.jsonl"
+    input_path.write_text(job_line("a") + "\n", encoding="utf-8")
+    model = {"id": "rm", "path": str(tmp_path), "kind": "reward"}
+    result = run_command(
+        str(input_path),
+        "--jobs-dir",
+        str(tmp_path / "jobs"),
+        "--model",
+        json.dumps(model),
+        "--options",
+        '{"max_tokens": 0}',
+    )
+    assert result.returncode == 2
+    assert "options.max_tokens: Input should be greater than or equal to 1" in (
+        result.stderr
+    )
+    assert "errors.pydantic.dev" not in result.stderr
+
+
 @pytest.mark.engine
 def test_command_scores_file(tiny_dir, tmp_path):
     input_path = tmp_path / "input.jsonl"
@@ -96,3 +118,52 @@ def test_command_scores_file(tiny_dir, tmp_path):
     assert json.loads(errors[0])["line"] == 21
     # The progress bar writes to stderr.
     assert "completed" in result.stderr
+
+
+@pytest.mark.engine
+def test_command_sigterm_leaves_job_resumable(tiny_dir, tmp_path):
+    input_path = tmp_path / "input.jsonl"
+    lines = [job_line(f"c{i}", f"Answer {i}") for i in range(20_000)]
+    input_path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    model = {
+        "id": "tiny-reward",
+        "path": str(tiny_dir / "reward"),
+        "kind": "reward",
+        "dtype": "float32",
+        "max_model_len": 128,
+        "engine_args": {"enforce_eager": True},
+    }
+    jobs_dir = tmp_path / "jobs"
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "jobs",
+            str(input_path),
+            "--model",
+            json.dumps(model),
+            "--jobs-dir",
+            str(jobs_dir),
+        ],
+        cwd=REPO_ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + TIMEOUT_S
+        while (
+            not any(jobs_dir.glob("*/success.jsonl"))
+            or not next(jobs_dir.glob("*/success.jsonl")).stat().st_size
+        ):
+            assert process.poll() is None, "the command ended before the kill"
+            assert time.monotonic() < deadline, "no row was written"
+            time.sleep(0.05)
+        process.send_signal(signal.SIGTERM)
+        stdout, _ = process.communicate(timeout=TIMEOUT_S)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == 130, stdout
+    assert "resume with: python -m jobs --resume job-" in stdout
