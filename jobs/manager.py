@@ -154,7 +154,9 @@ class JobManager:
             reverse=True,
         )
         if after is not None:
-            cursor = self.get(after)
+            cursor = self.jobs.get(after)
+            if cursor is None:
+                raise NotFoundError(f"after: no job {after!r}", param="after")
             jobs = jobs[jobs.index(cursor) + 1 :]
         if status is not None:
             jobs = [job for job in jobs if job.record.status == status]

@@ -96,6 +96,19 @@ def iter_lines(
         yield number + 1, bytes(buffer)
 
 
+def json_type_name(value: Any) -> str:
+    """Return the JSON name of a parsed value's type, with an article."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    return "an array"
+
+
 def error_entry(
     line: int, custom_id: str | None, message: str, param: str | None = None
 ) -> dict[str, Any]:
@@ -136,8 +149,7 @@ class LineParser:
             return error_entry(
                 line,
                 None,
-                f"a line must be a JSON object, but this one is a "
-                f"{type(data).__name__}",
+                f"a line must be a JSON object, but this one is {json_type_name(data)}",
             )
 
         custom_id = data.get("custom_id")
@@ -193,6 +205,7 @@ class LineParser:
             return validation_error_entry(line, custom_id, error)
 
         body = dict(batch_line.body)
+        used_aliases = {}
         for alias, name in BODY_ALIASES.items():
             if alias not in body:
                 continue
@@ -204,6 +217,21 @@ class LineParser:
                     f"body.{alias}",
                 )
             body[name] = body.pop(alias)
+            used_aliases[name] = alias
+        entry = self.parse_batch_body(line, custom_id, body)
+        if "error" in entry and used_aliases:
+            # Errors name the fields as the line spelled them.
+            error = entry["error"]
+            for name, alias in used_aliases.items():
+                for key in ("message", "param"):
+                    if error[key]:
+                        error[key] = error[key].replace(f"body.{name}", f"body.{alias}")
+        return entry
+
+    def parse_batch_body(
+        self, line: int, custom_id: str, body: dict[str, Any]
+    ) -> dict[str, Any]:
+        """Return the plan entry of a batch line's body, with the job's defaults."""
         reward_model = body.setdefault("reward_model", self.defaults.reward_model)
         if reward_model != self.defaults.reward_model:
             return error_entry(

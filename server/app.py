@@ -168,6 +168,8 @@ def create_app(
         return OrjsonResponse(response.model_dump(exclude_none=True))
 
     @app.get("/health", summary="Readiness of every served model")
+    # Load balancers and uptime checks often probe with HEAD.
+    @app.head("/health", include_in_schema=False)
     async def health():
         states = {model.id: model.ready for model in models.values()}
         if all(states.values()):

@@ -307,6 +307,13 @@ def test_starting_engines_give_503(tokenizer_dir):
         assert "starting" in error["message"]
         health = client.get("/health")
         assert_error(health, 503, "service_unavailable", None)
+        assert client.head("/health").status_code == 503
+
+
+def test_health_supports_head(client):
+    response = client.head("/health")
+    assert response.status_code == 200
+    assert response.content == b""
 
 
 def test_openapi_keeps_spec_names(client):

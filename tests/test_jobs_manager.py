@@ -474,7 +474,7 @@ def test_unknown_job_is_404(client, method, url, params):
     assert response.status_code == 404, response.text
     error = response.json()["error"]
     assert error["type"] == "not_found_error"
-    assert error["param"] == "job_id"
+    assert error["param"] == next(iter(params))
     assert "job-unknown" in error["message"]
 
 

@@ -95,7 +95,9 @@ def test_plan_applies_job_defaults():
     ("line", "param", "message"),
     [
         pytest.param("{not json", None, "invalid JSON", id="bad-json"),
-        pytest.param("[1, 2]", None, "must be a JSON object", id="array"),
+        pytest.param("[1, 2]", None, "this one is an array", id="array"),
+        pytest.param("null", None, "this one is null", id="null"),
+        pytest.param('"text"', None, "this one is a string", id="string"),
         pytest.param(
             json.dumps({"prompt_with_response": ANSWER}),
             "custom_id",
@@ -200,6 +202,32 @@ def test_plan_applies_job_defaults():
             "body.model",
             "give reward_model or model, not both",
             id="batch-model-twice",
+        ),
+        pytest.param(
+            json.dumps(
+                {
+                    "custom_id": "a",
+                    "method": "POST",
+                    "url": "/reward_model_scoring/",
+                    "body": {"model": "rm", "messages": []},
+                }
+            ),
+            "body.messages",
+            "body.messages: List should have at least 1 item",
+            id="batch-empty-messages-alias",
+        ),
+        pytest.param(
+            json.dumps(
+                {
+                    "custom_id": "a",
+                    "method": "POST",
+                    "url": "/reward_model_scoring/",
+                    "body": {"model": "other", "messages": ANSWER},
+                }
+            ),
+            "body.model",
+            "body.model: 'other' differs",
+            id="batch-other-model-alias",
         ),
     ],
 )
