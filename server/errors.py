@@ -21,6 +21,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 logger = logging.getLogger(__name__)
 
+# FastAPI's detail for a body that its JSON parser failed on.
+FASTAPI_BODY_PARSE_ERROR = "There was an error parsing the body"
 # Location prefixes that FastAPI puts before the field in validation errors.
 REQUEST_PARTS = frozenset({"body", "query", "path", "header", "cookie"})
 
@@ -198,6 +200,13 @@ async def _handle_validation_error(request: Request, error: RequestValidationErr
 
 async def _handle_http_error(request: Request, error: StarletteHTTPException):
     message = error.detail if isinstance(error.detail, str) else str(error.detail)
+    if error.status_code == 400 and message == FASTAPI_BODY_PARSE_ERROR:
+        # FastAPI returns this detail when the JSON parser itself fails, as
+        # on nesting deeper than Python's recursion limit.
+        message = (
+            "the request body could not be parsed as JSON; check that it is "
+            "valid JSON without extremely deep nesting"
+        )
     return error_response(error.status_code, _status_type(error.status_code), message)
 
 

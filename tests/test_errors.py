@@ -310,6 +310,17 @@ def test_starting_engines_give_503(tokenizer_dir):
         assert client.head("/health").status_code == 503
 
 
+def test_deeply_nested_body_is_400(client):
+    nested = b"[" * 20_000 + b"]" * 20_000
+    response = client.post(
+        "/reward_model_scoring/",
+        content=b'{"reward_model": "rm", "prompt_with_response": ' + nested + b"}",
+        headers={"content-type": "application/json"},
+    )
+    error = assert_error(response, 400, "invalid_request_error", None)
+    assert "could not be parsed as JSON" in error["message"]
+
+
 def test_health_supports_head(client):
     response = client.head("/health")
     assert response.status_code == 200
