@@ -119,6 +119,22 @@ def error_entry(
     }
 
 
+def unknown_field_entry(
+    line: int, custom_id: str, data: dict[str, Any], allowed: frozenset[str]
+) -> dict[str, Any] | None:
+    """Return an error entry for the first field of ``data`` not in ``allowed``."""
+    unknown = sorted(data.keys() - allowed)
+    if not unknown:
+        return None
+    return error_entry(
+        line,
+        custom_id,
+        f"{unknown[0]}: unknown field; a line has custom_id and "
+        f"prompt_with_response, or custom_id, method, url and body",
+        unknown[0],
+    )
+
+
 def validation_error_entry(
     line: int, custom_id: str, error: ValidationError, prefix: str = ""
 ) -> dict[str, Any]:
@@ -174,15 +190,9 @@ class LineParser:
     def parse_simple_line(
         self, line: int, custom_id: str, data: dict[str, Any]
     ) -> dict[str, Any]:
-        unknown = sorted(data.keys() - SIMPLE_LINE_FIELDS)
-        if unknown:
-            return error_entry(
-                line,
-                custom_id,
-                f"{unknown[0]}: unknown field; a line has custom_id and "
-                f"prompt_with_response, or custom_id, method, url and body",
-                unknown[0],
-            )
+        unknown = unknown_field_entry(line, custom_id, data, SIMPLE_LINE_FIELDS)
+        if unknown is not None:
+            return unknown
         request: dict[str, Any] = {"reward_model": self.defaults.reward_model}
         if "prompt_with_response" in data:
             request["prompt_with_response"] = data["prompt_with_response"]
@@ -199,6 +209,11 @@ class LineParser:
     def parse_batch_line(
         self, line: int, custom_id: str, data: dict[str, Any]
     ) -> dict[str, Any]:
+        unknown = unknown_field_entry(
+            line, custom_id, data, BATCH_LINE_FIELDS | {"custom_id"}
+        )
+        if unknown is not None:
+            return unknown
         try:
             batch_line = BatchRequestLine.model_validate(data)
         except ValidationError as error:

@@ -127,8 +127,22 @@ def test_plan_applies_job_defaults():
         pytest.param(
             json.dumps({**simple_line("a"), "label": 1}),
             "label",
-            "unknown field",
+            "unknown field; a line has custom_id and",
             id="extra-field",
+        ),
+        pytest.param(
+            json.dumps(
+                {
+                    "custom_id": "a",
+                    "method": "POST",
+                    "url": "/reward_model_scoring/",
+                    "body": {"prompt_with_response": ANSWER},
+                    "label": 1,
+                }
+            ),
+            "label",
+            "unknown field; a line has custom_id and",
+            id="batch-extra-field",
         ),
         pytest.param(
             json.dumps(
