@@ -16,6 +16,7 @@ from server.config import (
     load_config_file,
     resolve_paths,
 )
+from server.errors import describe_validation_errors
 
 logger = logging.getLogger(__name__)
 
@@ -104,6 +105,8 @@ def load_server_config(args: argparse.Namespace) -> ServerConfig:
     if args.config is not None:
         data = resolve_paths(load_config_file(args.config), args.config.parent)
     data.setdefault("models", [])
+    if not isinstance(data["models"], list):
+        raise ValueError("models: must be a list of model settings")
     data["models"] = [*data["models"], *args.model]
     if not data["models"]:
         from server.default_model import prepare_default_model
@@ -125,14 +128,22 @@ def main(argv: list[str] | None = None) -> None:
     )
     try:
         config = load_server_config(args)
-    except (ValidationError, ValueError, OSError) as error:
+    except ValidationError as error:
+        message = describe_validation_errors(error.errors())[1]
+        parser.error(f"invalid configuration: {message}")
+    except (ValueError, OSError) as error:
         parser.error(f"invalid configuration: {error}")
 
     import uvicorn
 
     from server.app import create_app
 
-    app = create_app(config)
+    try:
+        # Loads scoring-function plug-ins and checks each model's
+        # scoring_params, which raise ValueError or TypeError when invalid.
+        app = create_app(config)
+    except (ValueError, TypeError) as error:
+        parser.error(f"invalid configuration: {error}")
     uvicorn.run(
         app,
         host=config.host,

@@ -232,9 +232,15 @@ def load_config_file(path: Path) -> dict[str, Any]:
     """Read a TOML (.toml) or YAML (.yaml, .yml) settings file into a dict."""
     text = path.read_text(encoding="utf-8")
     if path.suffix == ".toml":
-        data = tomllib.loads(text)
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as error:
+            raise ValueError(f"config file {path} is not valid TOML: {error}") from None
     elif path.suffix in (".yaml", ".yml"):
-        data = yaml.safe_load(text) or {}
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as error:
+            raise ValueError(f"config file {path} is not valid YAML: {error}") from None
     else:
         raise ValueError(
             f"config file {path} must end in .toml, .yaml or .yml to pick a parser"
@@ -249,7 +255,10 @@ def resolve_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
 
     Only values that start with ``./`` or ``../`` are changed.
     """
-    for model in data.get("models", []):
+    models = data.get("models")
+    for model in models if isinstance(models, list) else []:
+        if not isinstance(model, dict):
+            continue
         for key in ("path", "tokenizer"):
             value = model.get(key)
             if isinstance(value, str) and value.startswith(("./", "../")):

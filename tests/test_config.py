@@ -163,3 +163,45 @@ def test_judge_template_rejects_format_spec():
     }
     with pytest.raises(ValidationError, match="invalid placeholder"):
         ServerConfig(models=[model])
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "message"),
+    [
+        pytest.param("bad.yaml", "models: [{id: a\n", "not valid YAML", id="yaml"),
+        pytest.param("bad.toml", "x = \n", "not valid TOML", id="toml"),
+        pytest.param(
+            "list.yaml", "models: abc\n", "models: must be a list", id="models-str"
+        ),
+        pytest.param(
+            "unknown.yaml",
+            "models: [{id: a, path: /m, kind: reward, colour: red}]\n",
+            "models.0.colour: unknown field",
+            id="unknown-key",
+        ),
+        pytest.param(
+            "plugin.yaml",
+            "scoring_function_modules: [no_such_module_xyz]\n"
+            "models: [{id: a, path: /m, kind: reward}]\n",
+            "cannot import 'no_such_module_xyz'",
+            id="missing-plugin",
+        ),
+    ],
+)
+def test_server_rejects_invalid_config(tmp_path, name, text, message):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    config = tmp_path / name
+    config.write_text(text, encoding="utf-8")
+    result = subprocess.run(
+        [sys.executable, "-m", "server", "--config", str(config)],
+        cwd=Path(__file__).resolve().parent.parent,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
