@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 import orjson
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from server.config import ModelKind
+from server.config import ModelConfig, ModelKind
 from server.errors import (
     InvalidRequestError,
     ServiceError,
@@ -265,7 +265,7 @@ class ScoringFunction(ABC):
     async def compute(self, context: ScoringContext, params: BaseModel) -> ScoreResult:
         """Score ``context.conversation`` and return the result."""
 
-    def check_model_kind(self, model: ModelEngine, param: str) -> None:
+    def check_model_kind(self, model: ModelEngine | ModelConfig, param: str) -> None:
         """Raise InvalidRequestError unless ``model`` is of a kind this function uses.
 
         The error names ``param``.
@@ -278,6 +278,14 @@ class ScoringFunction(ABC):
             f"{model.kind.value} model",
             param=param,
         )
+
+    def check_defaults(self, model: ModelConfig, params: BaseModel) -> None:
+        """Check a model's default params at start-up, beyond their schema.
+
+        Raises InvalidRequestError. Functions that use other functions, such as
+        weighted_sum, check them here. The default checks nothing.
+        """
+        return None
 
     def model_defaults(self, scoring_params: dict[str, dict[str, Any]]) -> dict:
         """Return this function's entry of a model's ``scoring_params``."""

@@ -7,7 +7,7 @@ import logging
 import math
 import sys
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -19,6 +19,10 @@ from scoring_functions.base import (
     validate_params,
 )
 from server.errors import InvalidRequestError, NotFoundError
+
+if TYPE_CHECKING:
+    from server.config import ModelConfig
+    from server.engine import ModelEngine
 
 logger = logging.getLogger(__name__)
 
@@ -80,7 +84,7 @@ class WeightedSum(ScoringFunction):
         self, context: ScoringContext, params: WeightedSumParams
     ) -> ScoreResult:
         parts = [
-            self._resolve(context, index, component)
+            self._resolve(context.model, index, component)
             for index, component in enumerate(params.functions)
         ]
         tasks = [
@@ -127,8 +131,12 @@ class WeightedSum(ScoringFunction):
             detail={"components": components},
         )
 
+    def check_defaults(self, model: ModelConfig, params: WeightedSumParams) -> None:
+        for index, component in enumerate(params.functions):
+            self._resolve(model, index, component)
+
     def _resolve(
-        self, context: ScoringContext, index: int, component: Component
+        self, model: ModelConfig | ModelEngine, index: int, component: Component
     ) -> tuple[ScoringFunction, BaseModel]:
         """Return one part's function and validated params; 400 names the field."""
         param = f"scoring_function.params.functions.{index}"
@@ -147,7 +155,7 @@ class WeightedSum(ScoringFunction):
                 f"inner functions with multiplied weights instead",
                 param=f"{param}.name",
             )
-        function.check_model_kind(context.model, f"{param}.name")
+        function.check_model_kind(model, f"{param}.name")
         function_params = validate_params(
             function.Params,
             component.params,

@@ -21,7 +21,11 @@ from pydantic import BaseModel, ValidationError
 
 from scoring_functions.base import ScoringFunction, parse_params
 from server.config import ModelConfig, ModelKind
-from server.errors import NotFoundError, describe_validation_errors
+from server.errors import (
+    InvalidRequestError,
+    NotFoundError,
+    describe_validation_errors,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -246,14 +250,17 @@ def check_scoring_params(
                     f"{where}: {function.name} does not apply to "
                     f"{model.kind.value} models"
                 )
-            _check_defaults(function, defaults, where)
+            _check_defaults(function, model, defaults, where)
 
 
 def _check_defaults(
-    function: ScoringFunction, defaults: dict[str, Any], where: str
+    function: ScoringFunction,
+    model: ModelConfig,
+    defaults: dict[str, Any],
+    where: str,
 ) -> None:
     try:
-        parse_params(function.Params, defaults)
+        params = parse_params(function.Params, defaults)
     except TypeError as error:
         raise ValueError(f"{where}: params must be JSON values: {error}") from error
     except ValidationError as error:
@@ -261,3 +268,10 @@ def _check_defaults(
         if errors:
             _, message = describe_validation_errors(errors)
             raise ValueError(f"{where}: {message}") from error
+        # Required params are left to requests, so nothing more can be checked.
+        return
+    try:
+        function.check_defaults(model, params)
+    except InvalidRequestError as error:
+        message = error.message.replace("scoring_function.params.", "")
+        raise ValueError(f"{where}: {message}") from error

@@ -939,6 +939,10 @@ def test_build_registry_rejects_bad_module(modules, text):
         ({"raw": {}, "builtin::raw": {}}, "already has defaults"),
         ({"response_logprob": {}}, "does not apply to reward models"),
         ({"raw": {"scale": "2"}}, "valid number"),
+        (
+            {"weighted_sum": {"functions": [{"name": "response_logprob"}]}},
+            "functions.0.name: builtin::response_logprob needs a generative model",
+        ),
         ({"exact_match": {"reference": {1: "a"}}}, "must be JSON values"),
     ],
 )
