@@ -14,6 +14,16 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 logger = logging.getLogger(__name__)
 
 TruncationPolicy = Literal["left", "error"]
+# vLLM engine arguments that a model's own settings set; engine_args may not
+# repeat them, because one of the two values would be ignored.
+ENGINE_ARGS_WITH_FIELDS = {
+    "model": "path",
+    "tokenizer": "tokenizer",
+    "dtype": "dtype",
+    "max_model_len": "max_model_len",
+    "hf_overrides": "hf_overrides",
+    "runner": "kind",
+}
 
 DEFAULT_JUDGE_TEMPLATE = (
     "Here is a conversation between a user and an assistant.\n\n"
@@ -113,6 +123,16 @@ class ModelConfig(BaseModel):
     def _check_kind_options(self) -> ModelConfig:
         if self.judge_template is not None and self.kind != ModelKind.REWARD:
             raise ValueError("judge_template applies to reward models only")
+        if self.default_label is not None and self.kind == ModelKind.GENERATIVE:
+            raise ValueError(
+                "default_label applies to reward and process_reward models only"
+            )
+        clashes = sorted(self.engine_args.keys() & ENGINE_ARGS_WITH_FIELDS.keys())
+        if clashes:
+            fields = ", ".join(
+                f"{key} (use {ENGINE_ARGS_WITH_FIELDS[key]})" for key in clashes
+            )
+            raise ValueError(f"engine_args: set these through their own keys: {fields}")
         return self
 
 

@@ -166,6 +166,7 @@ class ModelEngine:
             self.labels = head_labels(self.engine.model_config.hf_config, rows.width)
         else:
             await self.prompt_logprobs(token_ids, f"warmup-{self.id}")
+        self.check_default_label()
         self.state = EngineState.READY
         logger.info(
             "model %s: ready (max_model_len=%s, labels=%s)",
@@ -360,6 +361,20 @@ class ModelEngine:
             raise InvalidRequestError(
                 f"model {self.id} rejected the request: {error}"
             ) from error
+
+    def check_default_label(self) -> None:
+        """Raise ValueError when ``default_label`` names no label of the head."""
+        label = self.config.default_label
+        if label is None:
+            return
+        if isinstance(label, int) and 0 <= label < len(self.labels):
+            return
+        if isinstance(label, str) and label in self.labels:
+            return
+        raise ValueError(
+            f"default_label {label!r} is not a label of this model; its labels "
+            f"are {self.labels} (indices 0 to {len(self.labels) - 1})"
+        )
 
     def _check_finite(self, values: list[float], request_id: str) -> None:
         for value in values:

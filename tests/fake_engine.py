@@ -42,6 +42,7 @@ class FakeEngine(ModelEngine):
         if self.kind == ModelKind.REWARD:
             count = len(self.outputs)
             self.labels = ["score"] if count == 1 else [f"l{i}" for i in range(count)]
+            self.check_default_label()
         self.state = EngineState.READY
 
     @property

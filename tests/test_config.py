@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 
 import pytest
 from pydantic import ValidationError
@@ -116,7 +117,8 @@ def test_engine_args_per_kind():
                 "path": "/m",
                 "kind": "reward",
                 "max_model_len": 512,
-                "engine_args": {"enforce_eager": True, "dtype": "bfloat16"},
+                "dtype": "bfloat16",
+                "engine_args": {"enforce_eager": True},
             },
             {"id": "lm", "path": "/m", "kind": "generative"},
             {"id": "prm", "path": "/m", "kind": "process_reward"},
@@ -205,3 +207,23 @@ def test_server_rejects_invalid_config(tmp_path, name, text, message):
     assert result.returncode == 2
     assert message in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("model", "message"),
+    [
+        pytest.param(
+            {"kind": "generative", "default_label": "Yes"},
+            "default_label applies to reward",
+            id="label-on-generative",
+        ),
+        pytest.param(
+            {"kind": "reward", "engine_args": {"model": "/other", "dtype": "half"}},
+            "dtype (use dtype), model (use path)",
+            id="engine-args-clash",
+        ),
+    ],
+)
+def test_model_settings_conflicts(model, message):
+    with pytest.raises(ValidationError, match=re.escape(message)):
+        ServerConfig(models=[{"id": "m", "path": "/m", **model}])

@@ -445,3 +445,26 @@ def test_vllm_validation_error_is_400(tokenizer_dir):
     assert raised.value.status_code == 400
     assert "model rm rejected the request" in raised.value.message
     assert "step_tag_id is not supported" in raised.value.message
+
+
+def test_unknown_default_label_fails_model(tokenizer_dir):
+    config = ServerConfig(
+        models=[
+            {
+                "id": "rm",
+                "path": str(tokenizer_dir),
+                "kind": "reward",
+                "default_label": "Yes",
+            }
+        ]
+    )
+    app = create_app(config, engine_factory=fake_factory())
+    with TestClient(app, raise_server_exceptions=False) as client:
+        for _ in range(200):
+            health = client.get("/health")
+            if "default_label" in health.text:
+                break
+            time.sleep(0.05)
+        error = assert_error(health, 503, "service_unavailable", None)
+    assert "default_label 'Yes' is not a label of this model" in error["message"]
+    assert "['score']" in error["message"]
