@@ -17,11 +17,11 @@ import signal
 import sys
 import time
 from pathlib import Path as FilePath
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
-from jobs.manager import Job, JobManager, describe
+from jobs.manager import Job, JobManager, check_jobs_folder, describe
 from jobs.protocol import JobStatus, Path, PathType, SubmitJobRequest
 from jobs.store import JobFiles, JobRecord
 from server.cli import (
@@ -31,6 +31,9 @@ from server.cli import (
 )
 from server.config import ModelConfig, ServerConfig
 from server.errors import ServiceError, describe_validation_errors
+
+if TYPE_CHECKING:
+    from scoring_functions.registry import ScoringFunctionRegistry
 
 logger = logging.getLogger(__name__)
 
@@ -186,23 +189,38 @@ class Progress:
         self.bar.close()
 
 
+def build_checked_registry(
+    config: ServerConfig, model_config: ModelConfig
+) -> ScoringFunctionRegistry:
+    """Load the scoring functions and check the settings before any engine starts.
+
+    Raises ValueError or TypeError for invalid plug-ins, scoring_params or
+    jobs folder.
+    """
+    from scoring_functions.registry import build_registry, check_scoring_params
+
+    registry = build_registry(
+        config.scoring_function_modules, config.scoring_function_entry_points
+    )
+    check_scoring_params(registry, [model_config])
+    check_jobs_folder(FilePath(config.jobs.folder).resolve())
+    return registry
+
+
 async def run_job(
     config: ServerConfig,
     model_config: ModelConfig,
+    registry: ScoringFunctionRegistry,
     request: SubmitJobRequest | None,
     resume_id: str | None,
     started: list[Job],
 ) -> Job:
     """Start the engine and the job, and follow the job until it stops."""
-    from scoring_functions.registry import build_registry
     from server.app import start_engine
     from server.engine import ModelEngine, import_engine_libraries
     from server.serving import ScoringService
 
     engine = ModelEngine(model_config)
-    registry = build_registry(
-        config.scoring_function_modules, config.scoring_function_entry_points
-    )
     service = ScoringService({engine.id: engine}, registry)
     manager = JobManager(config.jobs, service)
     await manager.start(resume=False)
@@ -308,16 +326,19 @@ def main(argv: list[str] | None = None) -> int:
                 metadata=args.metadata,
                 options=args.options,
             )
+        registry = build_checked_registry(config, model_config)
     except ValidationError as error:
         # Names each invalid field, such as options.max_tokens, in one line.
         parser.error(describe_validation_errors(error.errors())[1])
-    except (ValueError, OSError) as error:
+    except (ValueError, TypeError, OSError) as error:
         parser.error(str(error))
 
     started: list[Job] = []
     began = time.monotonic()
     try:
-        job = asyncio.run(run_job(config, model_config, request, args.resume, started))
+        job = asyncio.run(
+            run_job(config, model_config, registry, request, args.resume, started)
+        )
     except ServiceError as error:
         parser.error(error.message)
     except KeyboardInterrupt:

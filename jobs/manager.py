@@ -74,6 +74,22 @@ class Job:
         return self.record.job_id
 
 
+def check_jobs_folder(root: FilePath) -> None:
+    """Raise ValueError unless ``root`` is, or can become, a writable folder.
+
+    The folder itself is created by the first submission.
+    """
+    existing = root
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(
+            f"jobs.folder: {existing} is not a folder, so {root} cannot hold jobs"
+        )
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"jobs.folder: {existing} is not writable by this server")
+
+
 class JobManager:
     """Runs batch jobs through a ScoringService and keeps their records."""
 
@@ -81,6 +97,7 @@ class JobManager:
         self.config = config
         self.service = service
         self.root = FilePath(config.folder).resolve()
+        check_jobs_folder(self.root)
         self.locator = InputLocator(config)
         self.jobs: dict[str, Job] = {}
         self.run_slots = asyncio.Semaphore(config.max_running_jobs)

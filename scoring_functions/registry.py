@@ -160,6 +160,12 @@ def load_reference(reference: str) -> Any:
         raise ValueError(
             f"scoring_function_modules: cannot import {module_name!r}: {error}"
         ) from error
+    except Exception as error:
+        # A plug-in's own code failed while it was imported.
+        raise ValueError(
+            f"scoring_function_modules: importing {module_name!r} raised "
+            f"{type(error).__name__}: {error}"
+        ) from error
     for part in filter(None, attribute.strip().split(".")):
         try:
             value = getattr(value, part)

@@ -182,6 +182,13 @@ def test_judge_template_rejects_format_spec():
             id="unknown-key",
         ),
         pytest.param(
+            "folder.yaml",
+            "jobs: {folder: /dev/null/jobs}\n"
+            "models: [{id: a, path: /m, kind: reward}]\n",
+            "jobs.folder: /dev/null is not a folder",
+            id="jobs-folder-file",
+        ),
+        pytest.param(
             "plugin.yaml",
             "scoring_function_modules: [no_such_module_xyz]\n"
             "models: [{id: a, path: /m, kind: reward}]\n",

@@ -61,6 +61,21 @@ def test_command_rejects_missing_input(tmp_path):
     assert "missing.jsonl' does not exist" in result.stderr
 
 
+def test_command_rejects_bad_plugin_before_engine(tmp_path):
+    input_path = tmp_path / "input.jsonl"
+    input_path.write_text(job_line("a") + "\n", encoding="utf-8")
+    config = tmp_path / "server.yaml"
+    config.write_text(
+        "scoring_function_modules: [no_such_module_xyz]\n"
+        f"models: [{{id: rm, path: {tmp_path}, kind: reward}}]\n",
+        encoding="utf-8",
+    )
+    result = run_command(str(input_path), "--config", str(config))
+    assert result.returncode == 2
+    assert "cannot import 'no_such_module_xyz'" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_command_rejects_invalid_options(tmp_path):
     input_path = tmp_path / "input.jsonl"
     input_path.write_text(job_line("a") + "\n", encoding="utf-8")

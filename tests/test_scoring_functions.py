@@ -930,6 +930,15 @@ def test_build_registry_rejects_bad_module(modules, text):
         build_registry(modules, entry_points=False)
 
 
+def test_build_registry_names_failing_module(tmp_path, monkeypatch):
+    (tmp_path / "rms_failing_plugin.py").write_text(
+        'raise RuntimeError("boom at import")\n', encoding="utf-8"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ValueError, match="importing 'rms_failing_plugin' raised"):
+        build_registry(["rms_failing_plugin"], entry_points=False)
+
+
 @pytest.mark.parametrize(
     ("scoring_params", "text"),
     [
