@@ -75,6 +75,26 @@ def build_engine_args(config: ModelConfig) -> dict[str, Any]:
     return args
 
 
+def check_local_checkpoint(location: str, key: str, model: bool = True) -> None:
+    """Raise ValueError when a local ``location`` cannot be a checkpoint.
+
+    A location that does not exist and is written like a Hugging Face hub id
+    (``org/name``) is left to transformers and vLLM, which fetch it. A model
+    folder needs a config.json, a tokenizer folder does not.
+    """
+    path = Path(location).expanduser()
+    looks_local = path.is_absolute() or location.startswith((".", "~"))
+    if not path.exists():
+        if looks_local or location.count("/") != 1:
+            raise ValueError(f"{key} {location!r} does not exist")
+        return
+    if model and path.is_dir() and not (path / "config.json").is_file():
+        raise ValueError(
+            f"{key} {location!r} is not a Hugging Face checkpoint folder: it has "
+            f"no config.json"
+        )
+
+
 def read_chat_template(value: str | None) -> str | None:
     """Return a chat template given as text or as a path to a file."""
     if value is None or "{" in value:
@@ -139,6 +159,9 @@ class ModelEngine:
         logger.info(
             "model %s: starting %s engine on %s", self.id, self.kind.value, config.path
         )
+        check_local_checkpoint(config.path, "path")
+        if config.tokenizer is not None:
+            check_local_checkpoint(config.tokenizer, "tokenizer", model=False)
         tokenizer = AutoTokenizer.from_pretrained(config.tokenizer or config.path)
         chat_template = read_chat_template(config.chat_template)
         if chat_template is None and tokenizer.chat_template is None:

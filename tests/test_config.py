@@ -234,3 +234,24 @@ def test_server_rejects_invalid_config(tmp_path, name, text, message):
 def test_model_settings_conflicts(model, message):
     with pytest.raises(ValidationError, match=re.escape(message)):
         ServerConfig(models=[{"id": "m", "path": "/m", **model}])
+
+
+@pytest.mark.parametrize(
+    ("location", "message"),
+    [
+        pytest.param("{tmp}", "has no config.json", id="not-a-checkpoint"),
+        pytest.param("{tmp}/missing", "does not exist", id="missing"),
+        pytest.param("name-without-org", "does not exist", id="bare-name"),
+    ],
+)
+def test_local_checkpoint_checked(tmp_path, location, message):
+    from server.engine import check_local_checkpoint
+
+    with pytest.raises(ValueError, match=message):
+        check_local_checkpoint(location.format(tmp=tmp_path), "path")
+
+
+def test_hub_id_left_to_vllm():
+    from server.engine import check_local_checkpoint
+
+    check_local_checkpoint("HuggingFaceTB/SmolLM2-135M-Instruct", "path")
