@@ -22,15 +22,22 @@ from server.errors import ErrorResponse, NotFoundError
 
 logger = logging.getLogger(__name__)
 
-JOB_ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    status: {"model": ErrorResponse, "description": description}
-    for status, description in [
-        (400, "Invalid request; `error.param` names the field."),
-        (404, "Unknown model, scoring function or job."),
-        (409, "The job's status does not allow the request."),
-        (413, "The `raw_bytes` input is larger than the server allows."),
-    ]
+ERROR_DESCRIPTIONS = {
+    400: "Invalid request; `error.param` names the field.",
+    404: "Unknown model, scoring function or job.",
+    409: "The job's status does not allow the request.",
+    413: "The `raw_bytes` input is larger than the server allows.",
+    503: "The job's model failed to start or stopped.",
 }
+
+
+def job_errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """Return the OpenAPI responses of the given error statuses."""
+    return {
+        status: {"model": ErrorResponse, "description": ERROR_DESCRIPTIONS[status]}
+        for status in statuses
+    }
+
 
 DOWNLOAD_CHUNK_BYTES = 1 << 20
 
@@ -54,7 +61,7 @@ def job_view(request: Request, job: Job) -> BatchRewardModelScoringJob:
 @router.post(
     "/",
     response_model=BatchRewardModelScoringJob,
-    responses=JOB_ERROR_RESPONSES,
+    responses=job_errors(400, 404, 413, 503),
     summary="Batch scoring using reward models",
 )
 async def submit_job(body: SubmitJobRequest, request: Request):
@@ -66,7 +73,7 @@ async def submit_job(body: SubmitJobRequest, request: Request):
 @router.get(
     "/job_status",
     response_model=BatchRewardModelScoringJob,
-    responses=JOB_ERROR_RESPONSES,
+    responses=job_errors(400, 404),
     summary="Get status for an already submitted job",
 )
 async def job_status(request: Request, job_id: JobId):
@@ -76,7 +83,7 @@ async def job_status(request: Request, job_id: JobId):
 @router.post(
     "/cancel_job",
     response_model=BatchRewardModelScoringJob,
-    responses=JOB_ERROR_RESPONSES,
+    responses=job_errors(400, 404, 409),
     summary="Cancel a job; the rows it wrote are kept",
 )
 async def cancel_job(request: Request, job_id: JobId):
@@ -87,7 +94,7 @@ async def cancel_job(request: Request, job_id: JobId):
 @router.get(
     "/list_jobs",
     response_model=JobList,
-    responses=JOB_ERROR_RESPONSES,
+    responses=job_errors(400, 404),
     summary="List jobs, newest first",
 )
 async def list_jobs(
@@ -111,7 +118,7 @@ async def list_jobs(
     name="get_job_file",
     response_class=StreamingResponse,
     responses={
-        **JOB_ERROR_RESPONSES,
+        **job_errors(400, 404),
         200: {"content": {"application/jsonl": {}}, "description": "JSONL rows."},
     },
     summary="Download a job's success or error file",

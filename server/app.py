@@ -47,6 +47,7 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
         (400, "Invalid request; `error.param` names the field."),
         (404, "Unknown model, scoring function or job."),
         (413, "The request body is larger than max_request_bytes."),
+        (422, "A judge's output could not be parsed into a score."),
         (500, "Model output or server error."),
         (503, "Engines are starting or stopped."),
     ]
@@ -167,7 +168,11 @@ def create_app(
             return Response(status_code=CLIENT_CLOSED_REQUEST)
         return OrjsonResponse(response.model_dump(exclude_none=True))
 
-    @app.get("/health", summary="Readiness of every served model")
+    @app.get(
+        "/health",
+        summary="Readiness of every served model",
+        responses={503: ERROR_RESPONSES[503]},
+    )
     # Load balancers and uptime checks often probe with HEAD.
     @app.head("/health", include_in_schema=False)
     async def health():
@@ -206,4 +211,30 @@ def create_app(
         cards = [ScoringFunctionCard(**function.describe()) for function in registry]
         return ScoringFunctionList(data=sorted(cards, key=lambda card: card.id))
 
+    use_error_envelope_in_openapi(app)
     return app
+
+
+def use_error_envelope_in_openapi(app: FastAPI) -> None:
+    """Drop FastAPI's default 422 responses from the OpenAPI document.
+
+    Invalid input gets 400 in the error envelope here, never FastAPI's 422
+    HTTPValidationError body.
+    """
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        schema = build()
+        for operations in schema.get("paths", {}).values():
+            for operation in operations.values():
+                responses = operation.get("responses", {})
+                if "HTTPValidationError" in str(responses.get("422")):
+                    del responses["422"]
+        schemas = schema.get("components", {}).get("schemas", {})
+        for name in ("HTTPValidationError", "ValidationError"):
+            schemas.pop(name, None)
+        return schema
+
+    app.openapi = openapi

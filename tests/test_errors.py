@@ -333,6 +333,13 @@ def test_openapi_keeps_spec_names(client):
     names = set(schema["components"]["schemas"])
     assert {"Message", "Options", "ScoringFunction"} <= names
     assert "ErrorResponse" in names
+    # Invalid input gets 400 in the envelope, not FastAPI's 422 body.
+    assert "HTTPValidationError" not in names
+    scoring = schema["paths"]["/reward_model_scoring/"]["post"]["responses"]
+    assert "ErrorResponse" in str(scoring["422"])
+    assert "503" in schema["paths"]["/health"]["get"]["responses"]
+    status = schema["paths"]["/reward_model_scoring/submit_job/job_status"]["get"]
+    assert sorted(status["responses"]) == ["200", "400", "404"]
 
 
 def test_lone_surrogate_is_invalid(client):
