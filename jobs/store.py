@@ -30,6 +30,8 @@ from server.protocol import Options, ScoringFunction
 
 logger = logging.getLogger(__name__)
 
+RECORD_MODE = 0o644
+
 RECORD_NAME = "job.json"
 JOB_ID_PATTERN = re.compile(r"^job-[0-9a-f]{32}$")
 
@@ -108,6 +110,9 @@ def write_atomic(path: FilePath, data: bytes) -> None:
         dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"
     )
     try:
+        # mkstemp creates the file readable by its owner only; the record gets
+        # the same permissions as the job's other files.
+        os.fchmod(descriptor, RECORD_MODE)
         with os.fdopen(descriptor, "wb") as file:
             file.write(data)
             file.flush()

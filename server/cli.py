@@ -50,8 +50,14 @@ def default_models(model_dir: Path) -> list[dict[str, Any]]:
 def parse_model_spec(text: str) -> dict[str, Any]:
     """Parse ``--model``: a JSON object or ``key=value`` pairs joined by commas."""
     text = text.strip()
-    if text.startswith("{"):
-        return json.loads(text)
+    if text.startswith(("{", "[")):
+        try:
+            spec = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise argparse.ArgumentTypeError(f"invalid JSON: {error}") from error
+        if not isinstance(spec, dict):
+            raise argparse.ArgumentTypeError("expected a JSON object")
+        return spec
     spec: dict[str, Any] = {}
     for item in text.split(","):
         key, separator, value = item.partition("=")

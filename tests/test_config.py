@@ -76,6 +76,15 @@ def test_model_flag_json():
     assert spec["kind"] == "reward"
 
 
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [("{bad json", "invalid JSON"), ("[1, 2]", "expected a JSON object")],
+)
+def test_model_flag_invalid_json(text, message):
+    with pytest.raises(argparse.ArgumentTypeError, match=message):
+        parse_model_spec(text)
+
+
 def test_model_flag_without_equals():
     with pytest.raises(argparse.ArgumentTypeError, match="key=value"):
         parse_model_spec("rm")

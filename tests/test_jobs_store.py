@@ -42,6 +42,7 @@ def test_write_atomic_replaces_file(tmp_path):
     write_atomic(path, b"new")
     assert path.read_bytes() == b"new"
     assert [item.name for item in tmp_path.iterdir()] == ["record.json"]
+    assert path.stat().st_mode & 0o777 == 0o644
 
 
 def test_records_round_trip(tmp_path):
