@@ -148,11 +148,31 @@ class JobManager:
 
     async def stop(self) -> None:
         """Stop running jobs; they keep their status and resume on restart."""
-        tasks = [job.task for job in self.jobs.values() if job.task is not None]
-        for task in tasks:
-            task.cancel()
-        if tasks:
-            await asyncio.wait(tasks)
+        stopping = [
+            job
+            for job in self.jobs.values()
+            if job.task is not None and not job.task.done()
+        ]
+        for job in stopping:
+            job.task.cancel()
+        if stopping:
+            await asyncio.wait([job.task for job in stopping])
+        for job in stopping:
+            if job.record.status.finished:
+                continue
+            # The record's counts are otherwise saved every few seconds.
+            try:
+                await self.save(job)
+            except OSError as error:
+                logger.error("job %s: saving its record failed: %s", job.job_id, error)
+            counts = job.record.request_counts
+            logger.info(
+                "job %s: stopped with %d of %d lines written; it resumes when "
+                "the server restarts",
+                job.job_id,
+                counts.completed + counts.failed,
+                counts.total,
+            )
         self.started = False
 
     def get(self, job_id: str) -> Job:
