@@ -110,7 +110,7 @@ def write_atomic(path: FilePath, data: bytes) -> None:
         dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"
     )
     try:
-        # mkstemp creates the file readable by its owner only; the record gets
+        # mkstemp creates the file readable by its owner only. The record gets
         # the same permissions as the job's other files.
         os.fchmod(descriptor, RECORD_MODE)
         with os.fdopen(descriptor, "wb") as file:

@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 logger = logging.getLogger(__name__)
 
 TruncationPolicy = Literal["left", "error"]
-# vLLM engine arguments that a model's own settings set; engine_args may not
+# vLLM engine arguments that a model's own settings set. engine_args may not
 # repeat them, because one of the two values would be ignored.
 ENGINE_ARGS_WITH_FIELDS = {
     "model": "path",
