@@ -17,6 +17,18 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT_S = 600
 
 
+def tiny_reward_spec(tiny_dir: Path) -> dict:
+    """Return the ``--model`` settings of the tiny reward model."""
+    return {
+        "id": "tiny-reward",
+        "path": str(tiny_dir / "reward"),
+        "kind": "reward",
+        "dtype": "float32",
+        "max_model_len": 128,
+        "engine_args": {"enforce_eager": True},
+    }
+
+
 def run_command(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "jobs", *args],
@@ -101,14 +113,7 @@ def test_command_scores_file(tiny_dir, tmp_path):
     input_path = tmp_path / "input.jsonl"
     lines = [job_line(f"c{i}", f"Answer {i}") for i in range(20)] + ["{bad"]
     input_path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    model = {
-        "id": "tiny-reward",
-        "path": str(tiny_dir / "reward"),
-        "kind": "reward",
-        "dtype": "float32",
-        "max_model_len": 128,
-        "engine_args": {"enforce_eager": True},
-    }
+    model = tiny_reward_spec(tiny_dir)
 
     result = run_command(
         str(input_path),
@@ -140,14 +145,7 @@ def test_command_sigterm_leaves_job_resumable(tiny_dir, tmp_path):
     input_path = tmp_path / "input.jsonl"
     lines = [job_line(f"c{i}", f"Answer {i}") for i in range(20_000)]
     input_path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    model = {
-        "id": "tiny-reward",
-        "path": str(tiny_dir / "reward"),
-        "kind": "reward",
-        "dtype": "float32",
-        "max_model_len": 128,
-        "engine_args": {"enforce_eager": True},
-    }
+    model = tiny_reward_spec(tiny_dir)
     jobs_dir = tmp_path / "jobs"
     process = subprocess.Popen(
         [
