@@ -203,6 +203,8 @@ def build_checked_registry(
         config.scoring_function_modules, config.scoring_function_entry_points
     )
     check_scoring_params(registry, [model_config])
+    # JobManager checks it again inside the event loop, where an error would
+    # end in a traceback instead of a usage message.
     check_jobs_folder(FilePath(config.jobs.folder).resolve())
     return registry
 

@@ -417,7 +417,7 @@ async def final_output(outputs: Any) -> Any:
 
 
 def head_labels(hf_config: Any, count: int) -> list[str]:
-    """Name each head output.
+    """Return the name of each head output.
 
     The names come from ``id2label`` unless it has only transformers' default
     names. A head built from token rows of the LM head (vLLM's
